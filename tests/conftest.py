@@ -1,0 +1,28 @@
+"""Shared test set-up: quiet TensorFlow, deterministic seeds, paths to the shared fixtures."""
+
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def fixtures_dir():
+    if not FIXTURES.is_dir():
+        pytest.skip(f"shared fixtures not found at {FIXTURES}")
+    return FIXTURES
