@@ -1,0 +1,491 @@
+"""One training run from a ``TrainConfig``: teacher alone, student alone, or student by distillation.
+
+``train.py`` parses flags into a ``TrainConfig`` and calls ``run_training``; a notebook can do the same.
+A run directory holds:
+
+- ``best.keras`` / ``last.keras``: the trained **network** (never the Distiller), float32;
+- ``run.json`` (mode, input shape, data) and ``flags.txt`` (the flags used, flagfile format);
+- ``metrics.csv`` (one row per epoch), ``tensorboard/`` (loss terms, metrics, an RGB | truth | prediction
+  panel each epoch), ``backup/`` (weights + optimiser + epoch, for resuming an interrupted run).
+
+An "epoch" is ``steps_per_epoch`` optimiser steps on an endlessly repeated training set; resume restarts
+from the last completed epoch, so ``steps_per_epoch`` is also the checkpoint interval.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mdekd import distill, models
+from mdekd.schedules import make_schedule
+
+MODES = ("teacher", "student", "distill")
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; field names are the ``train.py`` flag names."""
+
+    mode: str = "student"
+    output_dir: str = "runs/student"
+    # data
+    dataset: str = "synthetic"
+    data_dir: str = "data/synthetic"
+    depth_scale: float | None = None
+    synthetic_train: int = 200
+    synthetic_validation: int = 40
+    height: int = 128
+    width: int = 160
+    augment: bool = True
+    # optimisation
+    batch_size: int = 8
+    epochs: int = 3
+    steps_per_epoch: int = 0  # 0: one pass over the training set
+    validation_steps: int = 0  # 0: the whole validation split
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    # losses (SPEC §1 defaults)
+    lambda_si: float = 1.0
+    lambda_gml: float = 0.5
+    lambda_d: float = 1.0
+    distill_strides: tuple = distill.DISTILL_STRIDES
+    pool_scale: float | None = 0.5
+    # networks
+    teacher: str = ""
+    teacher_encoder: str = "resnest101"
+    teacher_decoder_channels: int = 256
+    student_alpha: float = 1.0
+    upsampling: str = "bilinear"
+    encoder_weights: str = ""
+    # execution
+    seed: int = 0
+    distribution: str = "none"
+    mixed_precision: bool = False
+
+    @property
+    def input_shape(self):
+        return (self.height, self.width, 3)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss; the message names the step and the loss terms."""
+
+
+def run_training(config, flags_text=None, progress=True):
+    """Train as ``config`` says; returns ``{"best": path, "last": path, "history": [...]}``."""
+    validate_config(config)
+    output_dir = prepare_output_dir(config.output_dir)
+    keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    data_dir = ensure_dataset(config)
+    strategy = make_strategy(config.distribution)
+    worker_dir = _worker_output_dir(output_dir, strategy)
+    _write_run_files(worker_dir, config, data_dir, flags_text)
+
+    train_ds, steps_per_epoch = _training_dataset(config, data_dir, worker_dir)
+    val_ds = _validation_dataset(config, data_dir)
+    total_steps = steps_per_epoch * config.epochs
+
+    with strategy.scope():
+        network, rebuild = build_network(config)
+        trainer = build_trainer(config, network)
+        schedule = make_schedule(config.schedule, config.learning_rate, total_steps,
+                                 config.warmup_steps)
+        trainer.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
+                        jit_compile=False)  # TOOLCHAIN §10: XLA fails under tf.distribute on CPU
+
+    panel = _panel_batch(val_ds)
+    checkpoint = NetworkCheckpoint(network, worker_dir, rebuild=rebuild)
+    callbacks = [
+        StopOnNonFiniteLoss(steps_per_epoch, checkpoint),
+        checkpoint,
+        keras.callbacks.CSVLogger(str(worker_dir / "metrics.csv"), append=True),
+    ]
+    if config.distribution == "multi_worker":
+        history = fit_custom_loop(trainer, strategy, train_ds, val_ds, config.epochs,
+                                  steps_per_epoch, config.validation_steps or None, callbacks)
+    else:
+        callbacks += [
+            keras.callbacks.BackupAndRestore(str(worker_dir / "backup"), save_freq="epoch",
+                                             delete_checkpoint=False),
+            keras.callbacks.TensorBoard(str(worker_dir / "tensorboard"), write_graph=False),
+            DepthPanelLogger(network, panel, worker_dir / "tensorboard" / "images"),
+        ]
+        result = trainer.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                             validation_data=val_ds,
+                             validation_steps=config.validation_steps or None,
+                             callbacks=callbacks, verbose=1 if progress else 0)
+        history = result.history
+    return {"best": str(checkpoint.best_path), "last": str(checkpoint.last_path),
+            "history": history, "output_dir": str(worker_dir)}
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+def validate_config(config):
+    """Raise ValueError naming the flag for settings that cannot work, before anything is built."""
+    if config.mode not in MODES:
+        raise ValueError(f"--mode: unknown mode '{config.mode}'; expected one of {MODES}")
+    if config.distribution not in DISTRIBUTIONS:
+        raise ValueError(f"--distribution: unknown '{config.distribution}'; expected one of {DISTRIBUTIONS}")
+    if config.mode == "distill":
+        if not config.teacher:
+            raise ValueError("--mode=distill needs --teacher (a teacher .keras file or weights file)")
+        if not os.path.exists(config.teacher):
+            raise FileNotFoundError(f"--teacher: file not found: {config.teacher}")
+        unknown = [s for s in config.distill_strides if s not in distill.DISTILL_STRIDES]
+        if unknown or not config.distill_strides:
+            raise ValueError(f"--distill_strides: {list(config.distill_strides)} must be a non-empty "
+                             f"subset of {list(distill.DISTILL_STRIDES)}")
+    if config.height % 32 or config.width % 32:
+        raise ValueError(f"--height/--width: {config.height}x{config.width} must both be divisible by 32")
+    if config.batch_size < 1 or config.epochs < 1:
+        raise ValueError("--batch_size and --epochs must be at least 1")
+    if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
+        raise ValueError("--mixed_precision needs a GPU: on CPU mixed_float16 is 4-5x slower and "
+                         "cannot be exported to TFLite (TOOLCHAIN §12); train in float32 on CPU")
+
+
+def prepare_output_dir(path):
+    """Create ``path`` and prove it is writable; raise a clear error otherwise."""
+    path = pathlib.Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise PermissionError(f"--output_dir: cannot write to '{path}': {error.strerror}") from error
+    return path
+
+
+def make_strategy(distribution):
+    """The ``tf.distribute`` strategy for ``--distribution``."""
+    if distribution == "none":
+        return tf.distribute.get_strategy()
+    if distribution == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if not os.environ.get("TF_CONFIG"):
+        raise ValueError("--distribution=multi_worker needs the TF_CONFIG environment variable "
+                         "(cluster and task of this worker)")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def ensure_dataset(config):
+    """The data root; for ``--dataset=synthetic`` the scene set is generated once if it is absent."""
+    from mdekd.data import synthetic
+
+    root = pathlib.Path(config.data_dir)
+    if config.dataset == "synthetic":
+        synthetic.generate_dataset(root, train=config.synthetic_train,
+                                   validation=config.synthetic_validation, height=config.height,
+                                   width=config.width, seed=config.seed, progress=True)
+    elif not root.is_dir():
+        raise FileNotFoundError(f"--data_dir: dataset folder not found: {root}")
+    return root
+
+
+def _dataset(config, data_dir, split, **kwargs):
+    from mdekd.data import build_dataset
+
+    options = {} if config.depth_scale is None else {"depth_scale": config.depth_scale}
+    dataset = "mai2021" if config.dataset == "synthetic" else config.dataset
+    return build_dataset(data_dir, split=split, dataset=dataset, batch_size=config.batch_size,
+                         image_size=(config.height, config.width), seed=config.seed, **options,
+                         **kwargs)
+
+
+def _training_dataset(config, data_dir, output_dir):
+    from mdekd.data import list_pairs
+
+    dataset = "mai2021" if config.dataset == "synthetic" else config.dataset
+    num_train = len(list_pairs(data_dir, split="train", dataset=dataset))
+    if num_train < config.batch_size:
+        raise ValueError(f"--batch_size={config.batch_size} exceeds the {num_train} training pairs "
+                         f"in {data_dir}")
+    steps_per_epoch = config.steps_per_epoch or num_train // config.batch_size
+    # A resumed run reshuffles with a new seed instead of replaying the first epoch's batches.
+    seed = config.seed + _resumed_epoch(output_dir)
+    ds = _dataset(dataclasses.replace(config, seed=seed), data_dir, "train",
+                  augment=config.augment, shuffle=True, repeat=True)
+    return _with_data_sharding(ds), steps_per_epoch
+
+
+def _validation_dataset(config, data_dir):
+    ds = _dataset(config, data_dir, "validation", augment=False, shuffle=False, repeat=False)
+    return _with_data_sharding(ds)
+
+
+def _with_data_sharding(ds):
+    # File-based auto-sharding fails on datasets built from tensors; shard by batch instead.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def _resumed_epoch(output_dir):
+    metadata = pathlib.Path(output_dir) / "backup" / "training_metadata.json"
+    if metadata.exists():
+        return int(json.loads(metadata.read_text()).get("epoch", 0))
+    return 0
+
+
+def _panel_batch(val_ds, count=4):
+    images, depths = next(iter(val_ds.unbatch().batch(count).take(1)))
+    return images.numpy(), depths.numpy()
+
+
+# ---------------------------------------------------------------------------------------- networks
+
+def build_network(config):
+    """(network to train, float32 rebuild function) for ``config.mode``."""
+    weights = config.encoder_weights or None
+    if config.mode == "teacher":
+        def rebuild():
+            return models.build_teacher(config.input_shape, encoder=config.teacher_encoder,
+                                        encoder_weights=weights,
+                                        decoder_channels=config.teacher_decoder_channels)
+    else:
+        def rebuild():
+            return models.build_student(config.input_shape, encoder_weights=weights,
+                                        upsampling=config.upsampling, alpha=config.student_alpha)
+    return rebuild(), rebuild
+
+
+def build_trainer(config, network):
+    """``DepthTrainer`` (teacher/student modes) or ``Distiller`` (distill mode) around ``network``."""
+    if config.mode != "distill":
+        return distill.DepthTrainer(network, lambda_si=config.lambda_si, lambda_gml=config.lambda_gml)
+    teacher = load_teacher(config)
+    return distill.Distiller(teacher=teacher, student=network, lambda_si=config.lambda_si,
+                             lambda_gml=config.lambda_gml, lambda_d=config.lambda_d,
+                             strides=config.distill_strides, pool_scale=config.pool_scale)
+
+
+def load_teacher(config):
+    """The frozen teacher from ``--teacher``: a ``.keras`` model or a weights file for the teacher
+    that ``--teacher_encoder/--teacher_decoder_channels`` build at the training input size."""
+    path = config.teacher
+    if path.endswith(".keras"):
+        try:
+            teacher = keras.models.load_model(path, compile=False)
+        except Exception as error:  # keras raises several types for unreadable archives
+            raise ValueError(f"--teacher: cannot load '{path}': {error}") from error
+    else:
+        teacher = models.build_teacher(config.input_shape, encoder=config.teacher_encoder,
+                                       decoder_channels=config.teacher_decoder_channels)
+        try:
+            teacher.load_weights(path)
+        except Exception as error:
+            raise ValueError(f"--teacher: weights '{path}' do not fit a {config.teacher_encoder} "
+                             f"teacher with decoder_channels={config.teacher_decoder_channels}: "
+                             f"{error}") from error
+    shape = tuple(teacher.input_shape[1:3])
+    if shape != config.input_shape[:2]:
+        raise ValueError(f"--teacher: '{path}' was built for input H×W {shape}, but training uses "
+                         f"{config.input_shape[:2]} (--height/--width)")
+    teacher.trainable = False
+    return teacher
+
+
+# --------------------------------------------------------------------------------------- callbacks
+
+def save_model_atomically(model, path):
+    """``model.save(path)`` through a temporary file in the same folder, then rename."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class NetworkCheckpoint(keras.callbacks.Callback):
+    """Saves the trained network (float32) as ``last.keras`` each epoch and ``best.keras`` when
+    ``monitor`` improves; the best value survives a resume through ``best.json``."""
+
+    def __init__(self, network, output_dir, rebuild=None, monitor="val_si_rmse"):
+        super().__init__()
+        self.network = network
+        self.rebuild = rebuild
+        self.monitor = monitor
+        self.output_dir = pathlib.Path(output_dir)
+        self.best_path = self.output_dir / "best.keras"
+        self.last_path = self.output_dir / "last.keras"
+        self._best_record = self.output_dir / "best.json"
+        self.enabled = True
+
+    def _best_value(self):
+        if self._best_record.exists():
+            return json.loads(self._best_record.read_text())["value"]
+        return float("inf")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.enabled:
+            return
+        logs = logs or {}
+        network = self._float32_network()
+        save_model_atomically(network, self.last_path)
+        value = logs.get(self.monitor, logs.get("loss"))
+        if value is not None and np.isfinite(value) and value < self._best_value():
+            save_model_atomically(network, self.best_path)
+            record = {"epoch": epoch + 1, "monitor": self.monitor, "value": float(value)}
+            tmp = self._best_record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self._best_record)
+        elif not self.best_path.exists():
+            save_model_atomically(network, self.best_path)
+
+    def _float32_network(self):
+        # TOOLCHAIN §12: a mixed_float16 model cannot be converted to TFLite; save a float32 twin.
+        if keras.mixed_precision.global_policy().compute_dtype == "float32" or self.rebuild is None:
+            return self.network
+        policy = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy("float32")
+        try:
+            twin = self.rebuild()
+            twin.set_weights(self.network.get_weights())
+        finally:
+            keras.mixed_precision.set_global_policy(policy)
+        return twin
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops at the first NaN/Inf loss with a message naming the step and the loss terms.
+
+    Raising (rather than ``stop_training``) keeps the end-of-epoch callbacks from saving NaN weights,
+    so ``last.keras``, ``best.keras`` and the backup remain those of the last good epoch.
+    """
+
+    def __init__(self, steps_per_epoch, checkpoint=None):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.checkpoint = checkpoint
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        if all(np.isfinite(float(v)) for v in logs.values()):
+            return
+        if self.checkpoint is not None:
+            self.checkpoint.enabled = False
+        step = self._epoch * self.steps_per_epoch + batch + 1
+        terms = ", ".join(f"{k}={float(v):.6g}" for k, v in logs.items())
+        kept = self.checkpoint.last_path if self.checkpoint else "none"
+        raise NonFiniteLossError(
+            f"non-finite loss at training step {step} (epoch {self._epoch + 1}, batch {batch + 1}): "
+            f"{terms}. Stopped; the last good checkpoint is kept ({kept}).")
+
+
+class DepthPanelLogger(keras.callbacks.Callback):
+    """Writes an RGB | truth | prediction panel of a fixed validation batch to TensorBoard."""
+
+    def __init__(self, network, batch, log_dir):
+        super().__init__()
+        self.network = network
+        self.images, self.depths = batch
+        self.writer = tf.summary.create_file_writer(str(log_dir))
+
+    def on_epoch_end(self, epoch, logs=None):
+        from mdekd.visualize import depth_panel
+
+        predictions = self.network(self.images, training=False)["depth"].numpy()
+        panels = np.stack([
+            depth_panel(image, truth[..., 0], pred[..., 0])
+            for image, truth, pred in zip(self.images, self.depths, predictions)
+        ])
+        with self.writer.as_default():
+            tf.summary.image("rgb_truth_prediction", panels, step=epoch, max_outputs=len(panels))
+        self.writer.flush()
+
+
+# -------------------------------------------------------------------------------- multi-worker loop
+
+def fit_custom_loop(trainer, strategy, train_ds, val_ds, epochs, steps_per_epoch,
+                    validation_steps, callbacks):
+    """``fit`` for ``MultiWorkerMirroredStrategy``, where Keras 3's own ``fit`` fails
+    (keras-team/keras#20585, TOOLCHAIN §11): ``strategy.run`` over ``train_step`` / ``test_step``
+    with the same callbacks' epoch hooks. Returns the history dict."""
+    train_iter = iter(strategy.experimental_distribute_dataset(train_ds))
+
+    @tf.function
+    def train_step(iterator):
+        strategy.run(trainer.train_step, args=(next(iterator),))
+
+    @tf.function
+    def test_step(batch):
+        strategy.run(trainer.test_step, args=(batch,))
+
+    for callback in callbacks:
+        callback.set_model(trainer)
+        callback.on_train_begin()
+    history = {}
+    for epoch in range(epochs):
+        for callback in callbacks:
+            callback.on_epoch_begin(epoch)
+        trainer.reset_metrics()
+        for batch in range(steps_per_epoch):
+            train_step(train_iter)
+            logs = {name: float(t.result()) for name, t in trainer.loss_trackers.items()}
+            for callback in callbacks:
+                callback.on_train_batch_end(batch, logs)
+        trainer.reset_metrics()
+        for index, batch in enumerate(strategy.experimental_distribute_dataset(val_ds)):
+            if validation_steps and index >= validation_steps:
+                break
+            test_step(batch)
+        logs.update({f"val_{t.name}": float(t.result()) for t in trainer.metrics})
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
+    for callback in callbacks:
+        callback.on_train_end()
+    return history
+
+
+def _worker_output_dir(output_dir, strategy):
+    # Every multi-worker task writes; only the chief writes into --output_dir itself.
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type or (
+            resolver.task_type in ("chief", "worker") and resolver.task_id == 0
+            and not _has_chief(resolver)) or resolver.task_type == "chief":
+        return pathlib.Path(output_dir)
+    path = pathlib.Path(output_dir) / f"{resolver.task_type}{resolver.task_id}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _has_chief(resolver):
+    return "chief" in resolver.cluster_spec().as_dict()
+
+
+def _write_run_files(output_dir, config, data_dir, flags_text):
+    record = dataclasses.asdict(config)
+    record.update(input_shape=list(config.input_shape), data_dir=str(data_dir),
+                  started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    for name, text in (("run.json", json.dumps(record, indent=2, default=str)),
+                       ("flags.txt", flags_text)):
+        if text is None:
+            continue
+        tmp = pathlib.Path(output_dir) / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, pathlib.Path(output_dir) / name)

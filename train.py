@@ -1,0 +1,97 @@
+"""Train the teacher, the student directly, or the student by distillation.
+
+    python train.py --flagfile=configs/quickstart_teacher.cfg
+    python train.py --flagfile=configs/quickstart_distill.cfg --teacher=runs/quickstart_teacher/best.keras
+
+Every flag is a field of ``mdekd.training.TrainConfig``; see ``--helpfull``.
+"""
+
+import sys
+
+from absl import app, flags
+
+from mdekd import distill, training
+from mdekd.schedules import SCHEDULES
+
+_D = training.TrainConfig()
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("mode", _D.mode, training.MODES,
+                  "teacher: train the teacher alone; student: the student alone (direct training); "
+                  "distill: the student from a frozen --teacher.")
+flags.DEFINE_string("output_dir", None, "Run folder (default runs/<mode>).")
+flags.DEFINE_string("dataset", _D.dataset, "mai2021 | folder | kitti | nyu | synthetic.")
+flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root (synthetic: generated here if absent).")
+flags.DEFINE_float("depth_scale", None, "Metres per depth PNG unit for --dataset=folder.")
+flags.DEFINE_integer("synthetic_train", _D.synthetic_train, "Synthetic training frames.")
+flags.DEFINE_integer("synthetic_validation", _D.synthetic_validation, "Synthetic validation frames.")
+flags.DEFINE_integer("height", _D.height, "Input height (multiple of 32).")
+flags.DEFINE_integer("width", _D.width, "Input width (multiple of 32).")
+flags.DEFINE_bool("augment", _D.augment, "Joint geometric + photometric augmentation.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")
+flags.DEFINE_integer("epochs", _D.epochs, "Epochs of --steps_per_epoch steps.")
+flags.DEFINE_integer("steps_per_epoch", _D.steps_per_epoch,
+                     "Steps per epoch = checkpoint interval (0: one pass over the training set).")
+flags.DEFINE_integer("validation_steps", _D.validation_steps, "0: the whole validation split.")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak AdamW learning rate.")
+flags.DEFINE_float("weight_decay", _D.weight_decay, "AdamW weight decay.")
+flags.DEFINE_enum("schedule", _D.schedule, SCHEDULES, "Learning-rate schedule.")
+flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warm-up steps (cosine).")
+flags.DEFINE_float("lambda_si", _D.lambda_si, "Weight of the scale-invariant loss.")
+flags.DEFINE_float("lambda_gml", _D.lambda_gml, "Weight of the gradient matching loss.")
+flags.DEFINE_float("lambda_d", _D.lambda_d, "Weight of the pairwise distillation loss.")
+flags.DEFINE_list("distill_strides", list(_D.distill_strides),
+                  f"Distilled teacher/student pairs, a subset of {list(distill.DISTILL_STRIDES)}.")
+flags.DEFINE_string("pool_scale", str(_D.pool_scale),
+                    "Node grid of the pairwise loss as a fraction of the map ('none' = every pixel).")
+flags.DEFINE_string("teacher", _D.teacher, "Teacher .keras file, or teacher weights (distill mode).")
+flags.DEFINE_string("teacher_encoder", _D.teacher_encoder, "ResNeSt variant of the teacher.")
+flags.DEFINE_integer("teacher_decoder_channels", _D.teacher_decoder_channels,
+                     "Width of the teacher's fusion decoder (256 in the paper).")
+flags.DEFINE_float("student_alpha", _D.student_alpha, "MobileNet width multiplier of the student.")
+flags.DEFINE_enum("upsampling", _D.upsampling, ["bilinear", "nearest"], "Student decoder upsampling.")
+flags.DEFINE_string("encoder_weights", _D.encoder_weights,
+                    "Encoder initialisation: empty (random), 'imagenet', or a weights file.")
+flags.DEFINE_integer("seed", _D.seed, "Random seed (weights, data order, augmentation).")
+flags.DEFINE_enum("distribution", _D.distribution, training.DISTRIBUTIONS,
+                  "none | mirrored (all local devices) | multi_worker (TF_CONFIG).")
+flags.DEFINE_bool("mixed_precision", _D.mixed_precision,
+                  "mixed_float16 training (GPU only); models are saved in float32.")
+
+
+def config_from_flags():
+    """A ``TrainConfig`` from the parsed flags."""
+    pool = FLAGS.pool_scale.strip().lower()
+    try:
+        pool_scale = None if pool in ("none", "") else float(pool)
+    except ValueError as error:
+        raise app.UsageError(f"--pool_scale: expected a number or 'none', got '{FLAGS.pool_scale}'") \
+            from error
+    values = {field: FLAGS[field].value for field in training.TrainConfig.__dataclass_fields__
+              if field in FLAGS and field not in ("pool_scale", "distill_strides", "output_dir")}
+    return training.TrainConfig(
+        **values, pool_scale=pool_scale, distill_strides=tuple(FLAGS.distill_strides),
+        output_dir=FLAGS.output_dir or f"runs/{FLAGS.mode}")
+
+
+def _flags_text():
+    """This program's flags in flagfile form, so a run can be repeated with --flagfile."""
+    own = FLAGS.get_key_flags_for_module(sys.modules[__name__])
+    return "".join(f"{flag.serialize()}\n" for flag in own if flag.serialize())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = config_from_flags()
+    try:
+        result = training.run_training(config, flags_text=_flags_text())
+    except (ValueError, FileNotFoundError, PermissionError, training.NonFiniteLossError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
+    print(f"best: {result['best']}\nlast: {result['last']}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
