@@ -1,0 +1,153 @@
+"""Registered custom layers shared by the student, the teacher and the ResNeSt encoder.
+
+Each layer is registered under the package ``mdekd`` so that ``.keras`` files of both models load
+with plain ``keras.models.load_model`` once ``mdekd.models`` is imported. All of them lower to TFLite
+builtin ops (no Flex) and run on CPU without XLA.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from mdekd.constants import MIN_DEPTH
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class UpsampleBilinearAlignCorners(keras.layers.Layer):
+    """Bilinear ×factor upsampling with ``align_corners=True`` (PyTorch ``nn.Upsample`` semantics).
+
+    (B, H, W, C) -> (B, factor·H, factor·W, C). Corner pixels of input and output coincide, as in
+    the Xian et al. decoder. Lowers to TFLite ``RESIZE_BILINEAR(align_corners=True)``; uses the
+    static H, W when they are known at build time (the models are built for a fixed input size).
+    """
+
+    def __init__(self, factor=2, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+
+    def call(self, inputs):
+        height, width = inputs.shape[1], inputs.shape[2]
+        if height is None or width is None:
+            size = tf.shape(inputs)[1:3] * self.factor
+        else:
+            size = [height * self.factor, width * self.factor]
+        # tf.image.resize (v2) has no align_corners; the v1 op is the one TFLite and XLA implement.
+        return tf.compat.v1.image.resize_bilinear(inputs, size, align_corners=True, half_pixel_centers=False)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        scale = lambda n: None if n is None else n * self.factor  # noqa: E731
+        return (batch, scale(height), scale(width), channels)
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class PositiveDepth(keras.layers.Layer):
+    """Depth head activation: ``softplus(x) + min_depth`` metres, so depth > 0 everywhere.
+
+    (B, H, W, 1) pre-activation -> (B, H, W, 1) metres. Softplus is written as
+    ``relu(x) + log(1 + exp(-|x|))``: the same function, but it never overflows (TFLite lowers
+    ``tf.nn.softplus`` to ``log(1 + exp(x))``, which is inf above x ≈ 88), and ``min_depth`` keeps
+    the output strictly positive where softplus underflows to 0 for very negative x.
+    """
+
+    def __init__(self, min_depth=MIN_DEPTH, **kwargs):
+        super().__init__(**kwargs)
+        self.min_depth = float(min_depth)
+
+    def call(self, inputs):
+        softplus = ops.relu(inputs) + ops.log(1.0 + ops.exp(-ops.abs(inputs)))
+        return softplus + self.min_depth
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "min_depth": self.min_depth}
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class GroupedConv2D(keras.layers.Conv2D):
+    """``Conv2D`` with ``groups > 1`` computed as one convolution per group, then concatenated.
+
+    Same kernel layout and result as ``Conv2D(groups=g)`` (kernel (kh, kw, C_in/g, C_out); group i
+    reads input channels [i·C_in/g, (i+1)·C_in/g) and writes outputs [i·C_out/g, (i+1)·C_out/g),
+    PyTorch's contiguous grouping), but without Keras' XLA-only grouped path on CPU, so it runs
+    in plain TF graphs, on any device and in TFLite.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if self.groups == 1:
+            return super().convolution_op(inputs, kernel)
+        input_groups = ops.split(inputs, self.groups, axis=-1)
+        kernel_groups = ops.split(kernel, self.groups, axis=-1)
+        outputs = [
+            ops.conv(
+                x,
+                k,
+                strides=list(self.strides),
+                padding=self.padding,
+                dilation_rate=self.dilation_rate,
+                data_format=self.data_format,
+            )
+            for x, k in zip(input_groups, kernel_groups)
+        ]
+        return ops.concatenate(outputs, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class RadixSum(keras.layers.Layer):
+    """Sum of the ``radix`` contiguous channel splits: (B, H, W, R·C) -> (B, H, W, C).
+
+    Split r is channels [r·C, (r+1)·C), as ResNeSt's ``x.view(B, R, C, H, W)``.
+    """
+
+    def __init__(self, radix, **kwargs):
+        super().__init__(**kwargs)
+        self.radix = int(radix)
+
+    def call(self, inputs):
+        return sum(ops.split(inputs, self.radix, axis=-1))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] // self.radix)
+
+    def get_config(self):
+        return {**super().get_config(), "radix": self.radix}
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class RadixAttention(keras.layers.Layer):
+    """Split attention: weight each radix split by its attention and sum the splits.
+
+    Inputs ``[splits (B, H, W, R·C), logits (B, 1, 1, R·C)]`` -> (B, H, W, C). The logit of split r,
+    channel c is index r·C + c; a softmax across r per channel (sigmoid when R = 1), as timm's
+    ``RadixSoftmax`` with cardinality 1.
+    """
+
+    def __init__(self, radix, **kwargs):
+        super().__init__(**kwargs)
+        self.radix = int(radix)
+
+    def call(self, inputs):
+        splits, logits = inputs
+        if self.radix == 1:
+            return splits * ops.sigmoid(logits)
+        # Softmax across the R splits written elementwise (max-subtracted), so that no op needs a
+        # softmax over a non-last axis.
+        logit_splits = ops.split(logits, self.radix, axis=-1)
+        largest = logit_splits[0]
+        for logit in logit_splits[1:]:
+            largest = ops.maximum(largest, logit)
+        exps = [ops.exp(logit - largest) for logit in logit_splits]
+        total = sum(exps)
+        return sum(e * x for e, x in zip(exps, ops.split(splits, self.radix, axis=-1))) / total
+
+    def compute_output_shape(self, input_shapes):
+        splits_shape = input_shapes[0]
+        return (*splits_shape[:-1], splits_shape[-1] // self.radix)
+
+    def get_config(self):
+        return {**super().get_config(), "radix": self.radix}

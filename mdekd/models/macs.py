@@ -1,0 +1,91 @@
+"""Parameter and multiply-accumulate counts from a Keras graph's static shapes.
+
+MACs are those of Conv2D (grouped too), DepthwiseConv2D and Dense, per image (batch excluded);
+bias additions, BatchNorm, activations, pooling and resizing are not counted (the FastDepth
+convention: 0.737 GMACs at 224×224 for the reference student).
+"""
+
+import re
+from collections import OrderedDict
+
+import keras
+import numpy as np
+
+from mdekd.models.common import iter_layers
+
+# MobileNet v1 block index -> output stride of that block (blocks 2, 4, 6, 12 have stride 2)
+_MOBILENET_BLOCK_STRIDE = {1: 2, 2: 4, 3: 4, 4: 8, 5: 8, **{i: 16 for i in range(6, 12)}, 12: 32, 13: 32}
+
+
+def trainable_parameter_count(model):
+    """Parameters in the PyTorch sense: kernels, biases, BN γ/β; BN moving statistics excluded.
+
+    Counts weights that are trainable by nature, whatever the model's current ``trainable`` flag,
+    so a frozen teacher still reports its size.
+    """
+    return int(sum(np.prod(w.shape) for w in model.weights if w.trainable))
+
+
+def layer_macs(layer):
+    """Multiply-accumulates of one layer for one image, from its static output shape."""
+    if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+        return 0
+    output_shape = tuple(layer.output.shape[1:])
+    if any(n is None for n in output_shape):
+        raise ValueError(
+            f"layer {layer.name!r} has output shape {output_shape} with unknown sizes; "
+            "build the model for a fixed input size to count MACs"
+        )
+    positions = int(np.prod(output_shape[:-1]))
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kernel_h, kernel_w = layer.kernel_size
+        return positions * kernel_h * kernel_w * output_shape[-1]
+    if isinstance(layer, keras.layers.Conv2D):
+        kernel_h, kernel_w, inputs_per_group, _ = layer.kernel.shape
+        return positions * kernel_h * kernel_w * inputs_per_group * output_shape[-1]
+    return positions * layer.kernel.shape[0] * output_shape[-1]
+
+
+def count_macs(model):
+    """Multiply-accumulates of one forward pass for one image, nested models included."""
+    return int(sum(layer_macs(layer) for layer in iter_layers(model)))
+
+
+def cost_breakdown(model):
+    """Trainable parameters and MACs per stage, in graph order.
+
+    Returns an OrderedDict ``stage -> (parameters, macs)``. Stages of a nested encoder are
+    ``"<encoder name>/<stage>"`` (ResNeSt: stem, layer1..layer4; MobileNet: stem, stride2..stride32);
+    top-level layers are grouped by the first word of their name (``decode1``, ``fuse4``, ``head``).
+    Layers without parameters or MACs are left out.
+    """
+    costs = OrderedDict()
+    for path, layer in _iter_layers_with_path(model):
+        params = trainable_parameter_count(layer)
+        macs = layer_macs(layer)
+        if params == 0 and macs == 0:
+            continue
+        stage = "/".join((*path, _stage_of(layer.name, nested=bool(path))))
+        old_params, old_macs = costs.get(stage, (0, 0))
+        costs[stage] = (old_params + params, old_macs + macs)
+    return costs
+
+
+def _iter_layers_with_path(model, path=()):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _iter_layers_with_path(layer, (*path, layer.name))
+        else:
+            yield path, layer
+
+
+def _stage_of(layer_name, nested):
+    if not nested:
+        return layer_name.split("_")[0]
+    resnest_stage = re.match(r"(layer\d+)_", layer_name)
+    if resnest_stage:
+        return resnest_stage.group(1)
+    mobilenet_block = re.match(r"conv_(?:dw|pw|pad)_(\d+)", layer_name)
+    if mobilenet_block:
+        return f"stride{_MOBILENET_BLOCK_STRIDE[int(mobilenet_block.group(1))]}"
+    return "stem"

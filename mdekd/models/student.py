@@ -1,0 +1,136 @@
+"""Student: FastDepth (Wofk et al. 2019), MobileNet v1 encoder + NNConv5 decoder with additive skips.
+
+Reference: dwofk/fast-depth ``MobileNetSkipAdd`` (SPEC §4). Decoder stage i is
+[DepthwiseConv 5×5 + BN + ReLU, Conv 1×1 + BN + ReLU, ×2 upsampling]; skips are added after the
+upsampling. The head is the reference's Conv 1×1 (no bias) + BN, followed by ``softplus + MIN_DEPTH``
+instead of its ReLU, so depth is > 0 and the parameter count is the reference's exactly
+(3,960,930 at α = 1: 3,206,976 encoder + 753,954 decoder; the activation has no parameters).
+
+Upsampling: ``"bilinear"`` is the default because Keras' nearest ``UpSampling2D`` lowers to a TILE
+chain that splits XNNPACK in TFLite (TOOLCHAIN §5: int8 12.3 ms vs 10.0 ms); ``"nearest"`` is the
+reference's choice and stays available.
+"""
+
+import os
+import socket
+
+import keras
+
+from mdekd.models.common import (
+    BATCHNORM_MOMENTUM,
+    batchnorm_layer,
+    check_input_shape,
+    set_batchnorm_momentum,
+)
+from mdekd.models.layers import PositiveDepth
+
+DECODER_WIDTHS = (512, 256, 128, 64, 32)  # SPEC §4, fast-depth decode_conv1..5 at α = 1
+DECODER_KERNEL_SIZE = 5  # fast-depth MobileNetSkipAdd kernel_size
+ENCODER_OUTPUT = "conv_pw_13_relu"  # (B, H/32, W/32, 1024·α)
+# decoder stage -> MobileNet layer added after that stage's upsampling (fast-depth forward)
+SKIP_TAPS = {2: "conv_pw_5_relu", 3: "conv_pw_3_relu", 4: "conv_pw_1_relu"}
+# decoder stage -> output key of its (post-skip) map
+STAGE_OUTPUTS = {1: "stride16", 2: "stride8", 3: "stride4", 4: "stride2"}
+UPSAMPLING_MODES = ("nearest", "bilinear")
+
+# keras.applications.mobilenet: where Keras keeps its ImageNet weights and how it names them
+MOBILENET_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
+MOBILENET_ALPHA_TEXT = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}
+DOWNLOAD_TIMEOUT_S = 30  # a download without network must fail, not hang
+
+
+def build_student(input_shape=(480, 640, 3), encoder_weights=None, upsampling="bilinear", alpha=1.0, name="fastdepth"):
+    """Build FastDepth for a fixed input size.
+
+    Args:
+      input_shape: (H, W, 3), H and W multiples of 32.
+      encoder_weights: None (random), "imagenet" (Keras' MobileNet weights, from the Keras cache
+        or downloaded) or a path to a MobileNet weights file (.h5 or .weights.h5).
+      upsampling: "bilinear" (default) or "nearest" (the reference's).
+      alpha: MobileNet width multiplier; decoder widths scale with it (small α for tests).
+    Returns:
+      keras.Model: image (B, H, W, 3) RGB float32 in [0, 1] -> dict ``depth`` (B, H, W, 1) metres > 0,
+      ``stride16`` .. ``stride2`` decoder maps (B, H/s, W/s, C).
+    """
+    input_shape = check_input_shape(input_shape)
+    if upsampling not in UPSAMPLING_MODES:
+        raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {upsampling!r}")
+    encoder = _build_encoder(input_shape, alpha, encoder_weights)
+
+    image = keras.Input(input_shape, name="image")
+    # MobileNet expects [-1, 1] (keras.applications.mobilenet.preprocess_input)
+    normalised = keras.layers.Rescaling(2.0, offset=-1.0, name="mobilenet_normalization")(image)
+    features = encoder(normalised)
+
+    x = features[ENCODER_OUTPUT]
+    outputs = {}
+    for stage, width in enumerate(DECODER_WIDTHS, start=1):
+        x = _nnconv5_stage(x, int(width * alpha), f"decode{stage}", upsampling)
+        if stage in SKIP_TAPS:
+            x = keras.layers.Add(name=f"decode{stage}_skip")([x, features[SKIP_TAPS[stage]]])
+        if stage in STAGE_OUTPUTS:
+            outputs[STAGE_OUTPUTS[stage]] = x
+    x = keras.layers.Conv2D(1, 1, use_bias=False, name="head_conv")(x)
+    x = batchnorm_layer("head_bn")(x)
+    depth = PositiveDepth(name="depth")(x)
+    return keras.Model(image, {"depth": depth, **outputs}, name=name)
+
+
+def _nnconv5_stage(x, width, prefix, upsampling):
+    """DepthwiseConv 5×5 + BN + ReLU, Conv 1×1 + BN + ReLU, ×2 upsampling (no biases)."""
+    x = keras.layers.DepthwiseConv2D(DECODER_KERNEL_SIZE, padding="same", use_bias=False, name=f"{prefix}_dw")(x)
+    x = batchnorm_layer(f"{prefix}_dw_bn")(x)
+    x = keras.layers.ReLU(name=f"{prefix}_dw_relu")(x)
+    x = keras.layers.Conv2D(width, 1, use_bias=False, name=f"{prefix}_pw")(x)
+    x = batchnorm_layer(f"{prefix}_pw_bn")(x)
+    x = keras.layers.ReLU(name=f"{prefix}_pw_relu")(x)
+    return keras.layers.UpSampling2D(2, interpolation=upsampling, name=f"{prefix}_up")(x)
+
+
+def _build_encoder(input_shape, alpha, weights):
+    """MobileNet v1 without top, BN momentum 0.9, as a model with the decoder's taps as outputs."""
+    mobilenet = keras.applications.MobileNet(input_shape=input_shape, alpha=alpha, include_top=False, weights=None)
+    set_batchnorm_momentum(mobilenet, BATCHNORM_MOMENTUM)  # Keras builds them with 0.99
+    if weights is not None:
+        mobilenet.load_weights(_encoder_weights_path(weights, alpha))
+    taps = (ENCODER_OUTPUT, *SKIP_TAPS.values())
+    return keras.Model(mobilenet.input, {tap: mobilenet.get_layer(tap).output for tap in taps}, name="encoder")
+
+
+def _encoder_weights_path(weights, alpha):
+    if weights == "imagenet":
+        return imagenet_mobilenet_weights(alpha)
+    path = os.fspath(weights)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"encoder_weights file {path!r} not found (expected a MobileNet .h5 or .weights.h5)")
+    return path
+
+
+def imagenet_mobilenet_weights(alpha=1.0):
+    """Path of Keras' ImageNet MobileNet v1 weights without top (224×224 training size).
+
+    Uses the Keras cache (``$KERAS_HOME/models`` or ``~/.keras/models``) when the file is there;
+    otherwise downloads it. Raises FileNotFoundError naming the file and where to put it when the
+    download fails (no network).
+    """
+    alpha = float(alpha)
+    if alpha not in MOBILENET_ALPHA_TEXT:
+        raise ValueError(f"ImageNet MobileNet weights exist for alpha in {sorted(MOBILENET_ALPHA_TEXT)}, got {alpha}")
+    file_name = f"mobilenet_{MOBILENET_ALPHA_TEXT[alpha]}_224_tf_no_top.h5"
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    cached = os.path.join(keras_home, "models", file_name)
+    if os.path.isfile(cached):
+        return cached
+    url = MOBILENET_WEIGHTS_URL + file_name
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return keras.utils.get_file(file_name, url, cache_subdir="models")
+    except Exception as error:  # any failure (no network, HTTP error, timeout) has the same remedy
+        raise FileNotFoundError(
+            f"ImageNet MobileNet weights {file_name} are not cached and could not be downloaded from {url} "
+            f"({type(error).__name__}: {error}). Download that file on a machine with network access and put "
+            f"it at {cached}, or pass encoder_weights=<path to the file>."
+        ) from error
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
