@@ -43,7 +43,7 @@ def valid_mask(depth_true, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH, dtype=tf.fl
 
 
 def _masked_log_ratio(depth_true, depth_pred, min_depth, max_depth):
-    """Return (g, mask): g = ln(max(pred, min_depth)) - ln(true) where valid, else 0; mask float32."""
+    """(g, mask): g = ln(max(pred, min_depth)) - ln(true) where valid, else 0; mask float32."""
     depth_true = tf.cast(depth_true, tf.float32)
     depth_pred = tf.cast(depth_pred, tf.float32)
     is_valid = valid_mask(depth_true, min_depth, max_depth, dtype=tf.bool)
@@ -190,7 +190,7 @@ def node_affinity_loss(student_nodes, teacher_nodes):
 
 def _check_matching_maps(student_features, teacher_features):
     s_shape, t_shape = student_features.shape, teacher_features.shape
-    if s_shape.rank is not None and s_shape.rank != 4 or t_shape.rank is not None and t_shape.rank != 4:
+    if any(shape.rank is not None and shape.rank != 4 for shape in (s_shape, t_shape)):
         raise ValueError(
             "pairwise_distillation_loss expects NHWC maps (B, H, W, C), found student "
             f"{s_shape} and teacher {t_shape}"

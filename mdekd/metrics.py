@@ -89,7 +89,8 @@ def _as_batch(array, name):
         array = array[None]
     if array.ndim != 4 or array.shape[-1] != 1:
         raise ValueError(
-            f"{name}: expected depth of shape (B, H, W, 1), (H, W, 1) or (H, W), found {array.shape}"
+            f"{name}: expected depth of shape (B, H, W, 1), (H, W, 1) or (H, W), "
+            f"found {array.shape}"
         )
     return array
 
