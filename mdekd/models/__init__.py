@@ -2,13 +2,21 @@
 
 from mdekd.models import layers  # noqa: F401  (registers the custom layers before any load_model)
 from mdekd.models.common import inference_model
-from mdekd.models.macs import cost_breakdown, count_macs, trainable_parameter_count
+from mdekd.models.macs import cost_breakdown, cost_table, count_macs, trainable_parameter_count
+from mdekd.models.resnest import RESNEST_VARIANTS, build_resnest
 from mdekd.models.student import build_student
+from mdekd.models.teacher import build_teacher
+from mdekd.models.timm_weights import load_timm_resnest_weights
 
 __all__ = [
+    "RESNEST_VARIANTS",
+    "build_resnest",
     "build_student",
+    "build_teacher",
     "cost_breakdown",
+    "cost_table",
     "count_macs",
     "inference_model",
+    "load_timm_resnest_weights",
     "trainable_parameter_count",
 ]

@@ -30,9 +30,9 @@ class UpsampleBilinearAlignCorners(keras.layers.Layer):
         if height is None or width is None:
             size = tf.shape(inputs)[1:3] * self.factor
         else:
-            size = [height * self.factor, width * self.factor]
-        # tf.image.resize (v2) has no align_corners; the v1 op is the one TFLite and XLA implement.
-        return tf.compat.v1.image.resize_bilinear(inputs, size, align_corners=True, half_pixel_centers=False)
+            size = tf.constant([height * self.factor, width * self.factor], tf.int32)
+        # tf.image.resize (v2) has no align_corners; this op is the one TFLite and XLA implement.
+        return tf.raw_ops.ResizeBilinear(images=inputs, size=size, align_corners=True, half_pixel_centers=False)
 
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = input_shape

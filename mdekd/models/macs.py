@@ -89,3 +89,13 @@ def _stage_of(layer_name, nested):
     if mobilenet_block:
         return f"stride{_MOBILENET_BLOCK_STRIDE[int(mobilenet_block.group(1))]}"
     return "stem"
+
+
+def cost_table(model):
+    """Text table of ``cost_breakdown``: stage, trainable parameters, GMACs, then the totals."""
+    rows = [(stage, params, macs) for stage, (params, macs) in cost_breakdown(model).items()]
+    width = max(len("total"), *(len(stage) for stage, _, _ in rows))
+    lines = [f"{'stage':<{width}}  {'parameters':>12}  {'GMACs':>9}"]
+    lines += [f"{stage:<{width}}  {params:>12,}  {macs / 1e9:>9.3f}" for stage, params, macs in rows]
+    lines.append(f"{'total':<{width}}  {trainable_parameter_count(model):>12,}  {count_macs(model) / 1e9:>9.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Print trainable parameters and GMACs per stage of the student or the teacher.
+
+    python -m mdekd.models --summary student --height 480 --width 640
+    python -m mdekd.models --summary teacher --height 480 --width 640 --encoder resnest101
+
+Models are built with random weights for the given input size; nothing runs through them.
+"""
+
+import os
+import sys
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_enum("summary", None, ["student", "teacher"], "Which model to summarise.", required=True)
+    flags.DEFINE_integer("height", 480, "Input height (multiple of 32).")
+    flags.DEFINE_integer("width", 640, "Input width (multiple of 32).")
+    flags.DEFINE_string("encoder", "resnest101", "Teacher encoder: a ResNeSt variant.")
+    flags.DEFINE_integer("decoder_channels", 256, "Teacher decoder width.")
+    flags.DEFINE_float("alpha", 1.0, "Student MobileNet width multiplier.")
+    flags.DEFINE_enum("upsampling", "bilinear", ["bilinear", "nearest"], "Student decoder upsampling.")
+
+
+def main(argv):
+    from absl import flags
+
+    from mdekd.models import build_student, build_teacher, cost_table
+
+    del argv
+    FLAGS = flags.FLAGS
+    input_shape = (FLAGS.height, FLAGS.width, 3)
+    if FLAGS.summary == "student":
+        model = build_student(input_shape, upsampling=FLAGS.upsampling, alpha=FLAGS.alpha)
+        title = f"student FastDepth (MobileNet alpha={FLAGS.alpha}, {FLAGS.upsampling})"
+    else:
+        model = build_teacher(input_shape, encoder=FLAGS.encoder, decoder_channels=FLAGS.decoder_channels)
+        title = f"teacher {FLAGS.encoder} + fusion decoder ({FLAGS.decoder_channels} channels)"
+    print(f"{title} at {FLAGS.height}x{FLAGS.width}")
+    print(cost_table(model))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import app
+
+    _define_flags()
+    try:
+        app.run(main)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
