@@ -55,6 +55,8 @@ flags.DEFINE_string("encoder_weights", _D.encoder_weights,
 flags.DEFINE_integer("seed", _D.seed, "Random seed (weights, data order, augmentation).")
 flags.DEFINE_enum("distribution", _D.distribution, training.DISTRIBUTIONS,
                   "none | mirrored (all local devices) | multi_worker (TF_CONFIG).")
+flags.DEFINE_bool("sync_batch_norm", _D.sync_batch_norm,
+                  "Synchronise BatchNormalization moments across replicas when distributing.")
 flags.DEFINE_bool("mixed_precision", _D.mixed_precision,
                   "mixed_float16 training (GPU only); models are saved in float32.")
 

@@ -70,6 +70,7 @@ class TrainConfig:
     # execution
     seed: int = 0
     distribution: str = "none"
+    sync_batch_norm: bool = True
     mixed_precision: bool = False
 
     @property
@@ -262,7 +263,21 @@ def build_network(config):
         def rebuild():
             return models.build_student(config.input_shape, encoder_weights=weights,
                                         upsampling=config.upsampling, alpha=config.student_alpha)
-    return rebuild(), rebuild
+    network = rebuild()
+    if config.distribution != "none" and config.sync_batch_norm:
+        synchronize_batch_norm(network)
+    return network, rebuild
+
+
+def synchronize_batch_norm(model):
+    """Make every BatchNormalization in ``model`` (nested models included) use global-batch moments.
+
+    Unsynchronised, each replica normalises with its own sub-batch and the moving statistics come
+    from replica 0 only (TOOLCHAIN §10), so 2 replicas would not reproduce the 1-device update.
+    """
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
 
 
 def build_trainer(config, network):
@@ -463,19 +478,20 @@ def fit_custom_loop(trainer, strategy, train_ds, val_ds, epochs, steps_per_epoch
 
 
 def _worker_output_dir(output_dir, strategy):
-    # Every multi-worker task writes; only the chief writes into --output_dir itself.
+    """--output_dir for the chief (or a single process); ``<output_dir>/<task><id>`` for the others."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type or (
-            resolver.task_type in ("chief", "worker") and resolver.task_id == 0
-            and not _has_chief(resolver)) or resolver.task_type == "chief":
+    if resolver is None or not resolver.task_type or _is_chief(resolver):
         return pathlib.Path(output_dir)
     path = pathlib.Path(output_dir) / f"{resolver.task_type}{resolver.task_id}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _has_chief(resolver):
-    return "chief" in resolver.cluster_spec().as_dict()
+def _is_chief(resolver):
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
 def _write_run_files(output_dir, config, data_dir, flags_text):
