@@ -21,9 +21,17 @@ def trainable_parameter_count(model):
     """Parameters in the PyTorch sense: kernels, biases, BN γ/β; BN moving statistics excluded.
 
     Counts weights that are trainable by nature, whatever the model's current ``trainable`` flag,
-    so a frozen teacher still reports its size.
+    so a frozen teacher still reports its size (Keras marks every variable of a frozen layer
+    non-trainable, so the flag cannot tell BN statistics from γ/β).
     """
-    return int(sum(np.prod(w.shape) for w in model.weights if w.trainable))
+    layers = iter_layers(model) if isinstance(model, keras.Model) else [model]
+    return int(sum(np.prod(w.shape) for layer in layers for w in _parameters(layer)))
+
+
+def _parameters(layer):
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return [w for w in (layer.gamma, layer.beta) if w is not None]
+    return layer.weights
 
 
 def layer_macs(layer):
@@ -55,8 +63,9 @@ def cost_breakdown(model):
     """Trainable parameters and MACs per stage, in graph order.
 
     Returns an OrderedDict ``stage -> (parameters, macs)``. Stages of a nested encoder are
-    ``"<encoder name>/<stage>"`` (ResNeSt: stem, layer1..layer4; MobileNet: stem, stride2..stride32);
-    top-level layers are grouped by the first word of their name (``decode1``, ``fuse4``, ``head``).
+    ``"<encoder name>/<stage>"``. Encoder stages are ResNeSt's stem, layer1..layer4 and MobileNet's
+    stem, stride2..stride32; decoder layers are grouped by the first word of their name
+    (``decode1``, ``fuse4``, ``head``).
     Layers without parameters or MACs are left out.
     """
     costs = OrderedDict()
@@ -65,30 +74,10 @@ def cost_breakdown(model):
         macs = layer_macs(layer)
         if params == 0 and macs == 0:
             continue
-        stage = "/".join((*path, _stage_of(layer.name, nested=bool(path))))
+        stage = "/".join((*path, _stage_of(layer.name)))
         old_params, old_macs = costs.get(stage, (0, 0))
         costs[stage] = (old_params + params, old_macs + macs)
     return costs
-
-
-def _iter_layers_with_path(model, path=()):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _iter_layers_with_path(layer, (*path, layer.name))
-        else:
-            yield path, layer
-
-
-def _stage_of(layer_name, nested):
-    if not nested:
-        return layer_name.split("_")[0]
-    resnest_stage = re.match(r"(layer\d+)_", layer_name)
-    if resnest_stage:
-        return resnest_stage.group(1)
-    mobilenet_block = re.match(r"conv_(?:dw|pw|pad)_(\d+)", layer_name)
-    if mobilenet_block:
-        return f"stride{_MOBILENET_BLOCK_STRIDE[int(mobilenet_block.group(1))]}"
-    return "stem"
 
 
 def cost_table(model):
@@ -99,3 +88,24 @@ def cost_table(model):
     lines += [f"{stage:<{width}}  {params:>12,}  {macs / 1e9:>9.3f}" for stage, params, macs in rows]
     lines.append(f"{'total':<{width}}  {trainable_parameter_count(model):>12,}  {count_macs(model) / 1e9:>9.3f}")
     return "\n".join(lines)
+
+def _iter_layers_with_path(model, path=()):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _iter_layers_with_path(layer, (*path, layer.name))
+        else:
+            yield path, layer
+
+
+def _stage_of(layer_name):
+    """Stage of a layer: ResNeSt layer1..4 / MobileNet output stride / encoder stem / name prefix."""
+    resnest_stage = re.match(r"(layer\d+)_", layer_name)
+    if resnest_stage:
+        return resnest_stage.group(1)
+    mobilenet_block = re.match(r"conv_(?:dw|pw|pad)_(\d+)", layer_name)
+    if mobilenet_block:
+        return f"stride{_MOBILENET_BLOCK_STRIDE[int(mobilenet_block.group(1))]}"
+    if re.match(r"(conv1|bn1|act1|maxpool)(_|$)", layer_name):
+        return "stem"
+    return layer_name.split("_")[0]
+
