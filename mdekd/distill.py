@@ -12,6 +12,7 @@ replicas; the trackers report the unscaled values.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mdekd import losses
@@ -64,7 +65,7 @@ class DepthTrainer(keras.Model):
         """Depth (B, H, W, 1) metres of the trained network."""
         return self.network(images, training=training)["depth"]
 
-    def loss_terms(self, depths, outputs, images):
+    def loss_terms(self, depths, outputs):
         """Unweighted loss terms and their weighted sum ``loss``: dict of float32 scalars."""
         depth_pred = tf.cast(outputs["depth"], tf.float32)
         si = losses.scale_invariant_loss(depths, depth_pred)
@@ -75,17 +76,17 @@ class DepthTrainer(keras.Model):
             "gml_loss": gml,
         }
 
-    def prepare_step(self, images):
-        """Work done outside the gradient tape before the student's forward pass (none here)."""
-        return None
+    def prepare_step(self, inputs):
+        """(images, targets) from a batch's inputs, outside the gradient tape (no targets here)."""
+        return inputs, None
 
     def train_step(self, data):
-        images, depths, _ = keras.utils.unpack_x_y_sample_weight(data)
-        extra = self.prepare_step(images)
+        inputs, depths, _ = keras.utils.unpack_x_y_sample_weight(data)
+        images, targets = self.prepare_step(inputs)
         variables = self.network.trainable_variables
         with tf.GradientTape() as tape:
             outputs = self.network(images, training=True)
-            terms = self._terms(depths, outputs, images, extra)
+            terms = self._terms(depths, outputs, targets)
             # TOOLCHAIN §10: Keras sums replica gradients, so each replica optimises loss / N.
             optimised = terms["loss"] / tf.cast(_num_replicas(), tf.float32)
             # TOOLCHAIN §12: a no-op in float32, required under mixed_float16.
@@ -97,10 +98,10 @@ class DepthTrainer(keras.Model):
         return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
 
     def test_step(self, data):
-        images, depths, _ = keras.utils.unpack_x_y_sample_weight(data)
-        extra = self.prepare_step(images)
+        inputs, depths, _ = keras.utils.unpack_x_y_sample_weight(data)
+        images, targets = self.prepare_step(inputs)
         outputs = self.network(images, training=False)
-        terms = self._terms(depths, outputs, images, extra)
+        terms = self._terms(depths, outputs, targets)
         for name, value in terms.items():
             self.loss_trackers[name].update_state(value)
         values, has_valid = per_image_depth_metrics(depths, tf.cast(outputs["depth"], tf.float32))
@@ -109,8 +110,8 @@ class DepthTrainer(keras.Model):
             tracker.update_state(values[name], sample_weight=weight)
         return {tracker.name: tracker.result() for tracker in self.metrics}
 
-    def _terms(self, depths, outputs, images, extra):
-        return self.loss_terms(tf.cast(depths, tf.float32), outputs, images)
+    def _terms(self, depths, outputs, targets):
+        return self.loss_terms(tf.cast(depths, tf.float32), outputs)
 
 
 class Distiller(DepthTrainer):
@@ -118,6 +119,10 @@ class Distiller(DepthTrainer):
 
     The teacher runs in inference mode outside the gradient tape and is never updated; only the
     student's trainable variables receive gradients.
+
+    Batches are ``(images, depths)``, or ``({"image": images, <stride>: teacher nodes, ...}, depths)``
+    with teacher targets precomputed by ``compute_teacher_targets`` (TOOLCHAIN §18: valid when the
+    augmentation does not change what the teacher sees); then ``teacher`` may be None.
 
     Args:
         teacher, student: functional models with dict outputs ``depth`` and the ``strides`` maps,
@@ -138,9 +143,15 @@ class Distiller(DepthTrainer):
         super().__init__(student, lambda_si=lambda_si, lambda_gml=lambda_gml,
                          num_scales=num_scales, **kwargs)
         self.teacher = teacher
-        self.teacher.trainable = False
+        if teacher is not None:
+            self.teacher.trainable = False
         self.lambda_d = float(lambda_d)
         self.pool_scale = None if pool_scale is None else float(pool_scale)
+        # SPEC §1: the kernel comes from the teacher map, whose H×W equals the student's.
+        self.pool_sizes = {
+            name: losses.affinity_pool_size(*student.output[name].shape[1:3], self.pool_scale)
+            for name in self.strides
+        }
 
     @property
     def student(self):
@@ -150,16 +161,24 @@ class Distiller(DepthTrainer):
     def loss_names(self):
         return ("loss", "si_loss", "gml_loss", "distill_loss")
 
-    def prepare_step(self, images):
+    def teacher_targets(self, images):
+        """Teacher graph nodes per distilled stride: dict of (B, N, C_t) float32, no gradient."""
         outputs = self.teacher(images, training=False)
-        return {name: tf.stop_gradient(tf.cast(outputs[name], tf.float32)) for name in self.strides}
+        return {name: tf.stop_gradient(losses.affinity_nodes(outputs[name], self.pool_sizes[name]))
+                for name in self.strides}
 
-    def _terms(self, depths, outputs, images, teacher_features):
-        terms = self.loss_terms(tf.cast(depths, tf.float32), outputs, images)
+    def prepare_step(self, inputs):
+        if isinstance(inputs, dict):
+            return inputs["image"], {name: inputs[name] for name in self.strides}
+        if self.teacher is None:
+            raise ValueError("Distiller without a teacher needs precomputed targets in the batch")
+        return inputs, self.teacher_targets(inputs)
+
+    def _terms(self, depths, outputs, targets):
+        terms = self.loss_terms(tf.cast(depths, tf.float32), outputs)
         distill = tf.add_n([
-            losses.pairwise_distillation_loss(
-                tf.cast(outputs[name], tf.float32), teacher_features[name],
-                pool_scale=self.pool_scale)
+            losses.node_affinity_loss(
+                losses.affinity_nodes(outputs[name], self.pool_sizes[name]), targets[name])
             for name in self.strides
         ])
         terms["distill_loss"] = distill
@@ -167,11 +186,27 @@ class Distiller(DepthTrainer):
         return terms
 
 
+def compute_teacher_targets(distiller, images, batch_size=16):
+    """Precompute the teacher's nodes for ``images`` (N, H, W, 3): dict stride → (N, nodes, C_t).
+
+    Feed them back as ``({"image": images, **targets}, depths)`` to skip the teacher's forward pass
+    in every distillation step.
+    """
+    chunks = {name: [] for name in distiller.strides}
+    step = tf.function(distiller.teacher_targets)
+    for start in range(0, len(images), batch_size):
+        for name, nodes in step(tf.convert_to_tensor(images[start:start + batch_size])).items():
+            chunks[name].append(nodes.numpy())
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
 def check_distillation_pair(teacher, student, strides):
     """Raise ValueError unless teacher and student can be distilled over ``strides``.
 
     Both must take the same input size and output every stride map with the same H×W.
     """
+    if teacher is None:  # precomputed targets: only the student's outputs can be checked
+        teacher = student
     t_shape, s_shape = tuple(teacher.input_shape[1:3]), tuple(student.input_shape[1:3])
     if t_shape != s_shape:
         raise ValueError(

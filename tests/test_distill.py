@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from mdekd import losses
-from mdekd.distill import DepthTrainer, Distiller, check_distillation_pair
+from mdekd.distill import (DepthTrainer, Distiller, check_distillation_pair,
+                           compute_teacher_targets)
 from mdekd.models import build_student, build_teacher
 
 SIZE = (64, 64)
@@ -71,9 +72,9 @@ def test_no_gradient_reaches_the_teacher(batch):
     distiller = Distiller(teacher=teacher, student=student)
     images, depths = batch
     with tf.GradientTape(persistent=True) as tape:
-        teacher_features = distiller.prepare_step(images)
+        _, targets = distiller.prepare_step(images)
         outputs = student(images, training=True)
-        total = distiller._terms(tf.constant(depths), outputs, images, teacher_features)["loss"]
+        total = distiller._terms(tf.constant(depths), outputs, targets)["loss"]
     teacher_grads = tape.gradient(total, teacher.trainable_variables)
     student_grads = tape.gradient(total, student.trainable_variables)
     assert all(g is None for g in teacher_grads)
@@ -90,7 +91,7 @@ def test_total_loss_is_the_weighted_sum_of_spec_terms(batch):
     images, depths = batch
     t_out = teacher(images, training=False)
     s_out = student(images, training=False)
-    terms = distiller._terms(tf.constant(depths), s_out, images, distiller.prepare_step(images))
+    terms = distiller._terms(tf.constant(depths), s_out, distiller.prepare_step(images)[1])
     si = losses.scale_invariant_loss(depths, s_out["depth"])
     gml = losses.gradient_matching_loss(depths, s_out["depth"])
     pa = sum(losses.pairwise_distillation_loss(s_out[k], t_out[k], pool_scale=0.25)
@@ -118,3 +119,18 @@ def test_distiller_rejects_teacher_of_another_input_size():
 def test_distiller_rejects_unknown_stride():
     with pytest.raises(ValueError, match="stride3"):
         check_distillation_pair(tiny_teacher(), tiny_student(), ("stride3",))
+
+
+def test_precomputed_teacher_targets_give_the_same_loss(batch):
+    teacher, student = tiny_teacher(), tiny_student()
+    distiller = Distiller(teacher=teacher, student=student, pool_scale=0.25)
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images, depths = batch
+    targets = compute_teacher_targets(distiller, images, batch_size=3)
+    assert targets["stride2"].shape == (4, 16, 16)  # 32x32 map, 8x8 kernel: 4x4 nodes, 16 channels
+    live = distiller.evaluate(images, depths, return_dict=True, verbose=0)
+    cached = Distiller(teacher=None, student=student, pool_scale=0.25)
+    cached.compile(optimizer=keras.optimizers.Adam(1e-3))
+    logs = cached.evaluate({"image": images, **targets}, depths, return_dict=True, verbose=0)
+    np.testing.assert_allclose(logs["distill_loss"], live["distill_loss"], rtol=1e-5)
+    assert logs["distill_loss"] > 0
