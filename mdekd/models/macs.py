@@ -65,8 +65,7 @@ def cost_breakdown(model):
     Returns an OrderedDict ``stage -> (parameters, macs)``. Stages of a nested encoder are
     ``"<encoder name>/<stage>"``. Encoder stages are ResNeSt's stem, layer1..layer4 and MobileNet's
     stem, stride2..stride32; decoder layers are grouped by the first word of their name
-    (``decode1``, ``fuse4``, ``head``).
-    Layers without parameters or MACs are left out.
+    (``decode1``, ``fuse4``, ``head``). Layers without parameters or MACs are left out.
     """
     costs = OrderedDict()
     for path, layer in _iter_layers_with_path(model):
@@ -88,6 +87,7 @@ def cost_table(model):
     lines += [f"{stage:<{width}}  {params:>12,}  {macs / 1e9:>9.3f}" for stage, params, macs in rows]
     lines.append(f"{'total':<{width}}  {trainable_parameter_count(model):>12,}  {count_macs(model) / 1e9:>9.3f}")
     return "\n".join(lines)
+
 
 def _iter_layers_with_path(model, path=()):
     for layer in model.layers:

@@ -5,6 +5,8 @@ Reference: dwofk/fast-depth ``MobileNetSkipAdd`` (SPEC §4). Decoder stage i is
 upsampling. The head is the reference's Conv 1×1 (no bias) + BN, followed by ``softplus + MIN_DEPTH``
 instead of its ReLU, so depth is > 0 and the parameter count is the reference's exactly
 (3,960,930 at α = 1: 3,206,976 encoder + 753,954 decoder; the activation has no parameters).
+Every BatchNormalization uses momentum 0.9 (SPEC §4); the decoder's use PyTorch's epsilon 1e-5 as
+the reference does, MobileNet's keep Keras' 1e-3 that its ImageNet weights were trained with.
 
 Upsampling: ``"bilinear"`` is the default because Keras' nearest ``UpSampling2D`` lowers to a TILE
 chain that splits XNNPACK in TFLite (TOOLCHAIN §5: int8 12.3 ms vs 10.0 ms); ``"nearest"`` is the
