@@ -180,12 +180,20 @@ def predict_files(model, inputs, output_dir, depth_dir=None, depth_scale=1e-3, n
 
 
 def main(argv):
-    from absl import flags
+    from absl import app, flags, logging
 
     FLAGS = flags.FLAGS
-    del argv
-    predict_files(FLAGS.model, FLAGS.input, FLAGS.output, depth_dir=FLAGS.depth_dir,
-                  depth_scale=FLAGS.depth_scale, num_threads=FLAGS.num_threads)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        predict_files(FLAGS.model, FLAGS.input, FLAGS.output, depth_dir=FLAGS.depth_dir,
+                      depth_scale=FLAGS.depth_scale, num_threads=FLAGS.num_threads)
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        print(f"mdekd.predict: error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _define_flags():
@@ -207,7 +215,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    try:
-        app.run(main)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    app.run(main)

@@ -1,0 +1,138 @@
+"""SPEC §2 metrics of a trained model (.keras or .tflite) over one split of a dataset.
+
+Resolution rule (the same for Keras and TFLite, and the same as ``mdekd.predict``): each image
+is resized (bilinear) to the model's fixed input size, and the predicted depth is resized
+(bilinear) back to the size of its ground truth; the metrics are computed there, on the truth's
+own valid pixels. The truth is never interpolated, since blending an invalid 0 into its
+neighbours would invent depths. For MAI2021 at 480×640 no resizing happens at all.
+
+    python -m mdekd.evaluate --model runs/distill/best.keras --data_dir data/mai2021 --json out.json
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from mdekd.tflite_runner import DEFAULT_NUM_THREADS, load_depth_runner
+
+DEFAULT_BATCH_SIZE = 4
+
+
+def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch_size=DEFAULT_BATCH_SIZE,
+                   num_threads=DEFAULT_NUM_THREADS, max_images=None, progress=False, **layout_options):
+    """SPEC §2 metrics of ``model`` over the ``split`` pairs of ``data_dir``.
+
+    model: a ``keras.Model``, a runner of ``mdekd.tflite_runner`` or a .keras/.tflite path.
+    dataset / layout_options: as ``mdekd.data.list_pairs`` (``depth_scale=`` for ``folder``).
+    Keras models run ``batch_size`` images per call; TFLite ones one image at a time with
+    ``num_threads`` LiteRT threads. ``max_images``: the first N pairs only.
+
+    Returns a dict: ``metrics`` (name -> float, ``mdekd.metrics.METRIC_NAMES``), ``num_images``
+    (pairs read), ``num_valid_images`` (those with a valid truth pixel, averaged over), ``model``,
+    ``format`` ("keras" | "tflite"), ``input_size`` [H, W], ``data_dir``, ``dataset``, ``split``,
+    ``seconds``.
+    """
+    from mdekd.data import list_pairs, read_depth_png, read_rgb, resolve_layout
+    from mdekd.metrics import DepthMetricsAccumulator
+    from mdekd.predict import resize_depth, resize_image
+
+    depth_scale = resolve_layout(dataset, **layout_options).depth_scale
+    if depth_scale is None:
+        raise ValueError(f"dataset {dataset!r} needs depth_scale= (metres per stored depth unit)")
+    pairs = list_pairs(data_dir, split, dataset, **layout_options)
+    if max_images is not None:
+        pairs = pairs[: int(max_images)]
+    runner = load_depth_runner(model, num_threads=num_threads)
+    accumulator = DepthMetricsAccumulator()
+    start = time.perf_counter()
+    for first in range(0, len(pairs), batch_size):
+        batch = pairs[first : first + batch_size]
+        images = np.stack([resize_image(read_rgb(rgb), runner.input_size) for rgb, _ in batch])
+        predictions = runner.predict(images)
+        for (_, depth_path), prediction in zip(batch, predictions):
+            truth = read_depth_png(depth_path, depth_scale)
+            accumulator.update(truth, resize_depth(prediction, truth.shape[:2])[..., None])
+        if progress:
+            done = first + len(batch)
+            print(f"\revaluating {done}/{len(pairs)}", end="\n" if done == len(pairs) else "",
+                  file=sys.stderr, flush=True)
+    return {
+        "metrics": accumulator.result(),
+        "num_images": len(pairs),
+        "num_valid_images": accumulator.num_images,
+        "model": runner.source,
+        "format": runner.format,
+        "input_size": list(runner.input_size),
+        "data_dir": os.fspath(data_dir),
+        "dataset": dataset,
+        "split": split,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def format_result(result, name=None):
+    """Markdown table of one evaluation result (one row)."""
+    from mdekd.metrics import format_metrics_table
+
+    row = name or os.path.basename(str(result["model"]))
+    return format_metrics_table({row: result["metrics"]}, name_header="model")
+
+
+def write_json(path, payload):
+    """Write JSON atomically (temp file + rename)."""
+    from mdekd.export import write_atomically
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    write_atomically(path, json.dumps(payload, indent=2) + "\n")
+
+
+def main(argv):
+    from absl import app, flags, logging
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    layout_options = {} if FLAGS.depth_scale is None else {"depth_scale": FLAGS.depth_scale}
+    try:
+        result = evaluate_model(FLAGS.model, FLAGS.data_dir, FLAGS.dataset, FLAGS.split,
+                                batch_size=FLAGS.batch_size, num_threads=FLAGS.num_threads,
+                                max_images=FLAGS.max_images, progress=True, **layout_options)
+        print(format_result(result))
+        print(f"{result['num_valid_images']} of {result['num_images']} images with valid depth, "
+              f"{FLAGS.split} split of {FLAGS.data_dir} ({FLAGS.dataset}), {result['format']} "
+              f"model at {result['input_size'][0]}x{result['input_size'][1]}, {result['seconds']:.1f} s")
+        if FLAGS.json:
+            write_json(FLAGS.json, result)
+            print(f"wrote {FLAGS.json}")
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        print(f"mdekd.evaluate: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "Trained model: .keras or .tflite.", required=True)
+    flags.DEFINE_string("data_dir", None, "Dataset root.", required=True)
+    flags.DEFINE_string("dataset", "mai2021", "Layout: mai2021 | synthetic | folder | kitti | nyu.")
+    flags.DEFINE_string("split", "validation", "Split folder under the root.")
+    flags.DEFINE_float("depth_scale", None, "Metres per stored depth unit (required for --dataset=folder).")
+    flags.DEFINE_string("json", None, "Also write the result as JSON here.")
+    flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads for a .tflite model.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images per Keras call.", lower_bound=1)
+    flags.DEFINE_integer("max_images", None, "Evaluate the first N pairs only.", lower_bound=1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import app
+
+    _define_flags()
+    app.run(main)
