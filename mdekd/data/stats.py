@@ -59,6 +59,7 @@ def format_description(description: dict) -> str:
         sampled = "" if s["sampled"] == s["count"] else f" (statistics from {s['sampled']})"
         mean = ", ".join(f"{c:.3f}" for c in s["image_mean"])
         lines.append(f"{split}: {s['count']} pairs {sizes}{sampled}, depth {s['depth_min']:.2f}-"
-                     f"{s['depth_max']:.2f} m (median {s['depth_median']:.2f}), valid {100 * s['valid_fraction']:.1f} %,"
+                     f"{s['depth_max']:.2f} m (median {s['depth_median']:.2f}), "
+                     f"valid {100 * s['valid_fraction']:.1f} %,"
                      f" image mean RGB ({mean})")
     return "\n".join(lines)

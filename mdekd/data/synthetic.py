@@ -36,6 +36,7 @@ import pathlib
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -53,6 +54,19 @@ _NOISE_SIZE = 64  # value-noise lattice period (cells)
 # --------------------------------------------------------------------------------------------
 # scene description
 # --------------------------------------------------------------------------------------------
+
+class _Scene(NamedTuple):
+    """What render_scene draws: a camera, axis-aligned planes, boxes and spheres, one light."""
+
+    camera: dict  # position (3,), yaw/pitch/roll (rad)
+    planes: list  # {"axis", "value", "sign" (normal along axis), "material"}
+    boxes: list  # (lo (3,), hi (3,)) corners, metres
+    box_materials: list
+    spheres: list  # (centre (3,), radius)
+    sphere_materials: list
+    light: dict  # "sun" (direction) or "point" (position, falloff); colour, ambient
+    sky: dict | None  # zenith/horizon colours and haze distance; None indoors
+
 
 def _material(kind, colour, second=None, period=1.0, noise=0.15, noise_scale=1.0, extra=None):
     """Surface appearance: linear RGB albedo(s), a pattern period (m) and value-noise strength."""
@@ -80,7 +94,13 @@ def _place_around(rng, camera_xz, heading, spread, distance, half_size, keep_out
     return camera_xz + (distance[1] + np.max(half_size)) * np.array([math.sin(heading), math.cos(heading)])
 
 
-def _outdoor_scene(rng, hfov):
+def _footprint_box(centre, half, height):
+    """(lo, hi) corners of a box standing on the ground: footprint centre (x, z) ± half, 0..height."""
+    return [centre[0] - half[0], 0.0, centre[1] - half[1]], [centre[0] + half[0], height, centre[1] + half[1]]
+
+
+def _outdoor_scene(rng, hfov) -> _Scene:
+    """Ground plane, sky, buildings 10-38 m away, crates and balls 3-22 m away, sun and haze."""
     camera = {"height": rng.uniform(1.2, 2.6), "pitch": math.radians(rng.uniform(-16, 2)),
               "roll": math.radians(rng.uniform(-3, 3)), "yaw": rng.uniform(0, 2 * math.pi)}
     camera["position"] = np.array([rng.uniform(-50, 50), camera["height"], rng.uniform(-50, 50)])
@@ -104,15 +124,16 @@ def _outdoor_scene(rng, hfov):
         half = np.array([rng.uniform(2, 7), rng.uniform(2, 7)])
         centre = _place_around(rng, cam_xz, camera["yaw"], spread, (10, 38), half, keep_out=3.0)
         height = rng.uniform(3, 20)
-        boxes.append(([centre[0] - half[0], 0.0, centre[1] - half[1]], [centre[0] + half[0], height, centre[1] + half[1]]))
+        boxes.append(_footprint_box(centre, half, height))
         wall = _hsv(rng, (0.0, 0.15), (0.05, 0.45), (0.25, 0.7))
-        box_materials.append(_material("windows", wall, _hsv(rng, (0.55, 0.65), (0.1, 0.4), (0.03, 0.15)),
-                                       period=rng.uniform(1.8, 3.5), noise=0.15, extra={"floor": rng.uniform(2.8, 3.6)}))
+        glass = _hsv(rng, (0.55, 0.65), (0.1, 0.4), (0.03, 0.15))
+        box_materials.append(_material("windows", wall, glass, period=rng.uniform(1.8, 3.5), noise=0.15,
+                                       extra={"floor": rng.uniform(2.8, 3.6)}))
     for _ in range(rng.integers(2, 7)):  # crates, cars, kiosks
         half = rng.uniform(0.3, 1.5, size=2)
         centre = _place_around(rng, cam_xz, camera["yaw"], spread, (3, 20), half, keep_out=1.0)
         height = rng.uniform(0.4, 2.5)
-        boxes.append(([centre[0] - half[0], 0.0, centre[1] - half[1]], [centre[0] + half[0], height, centre[1] + half[1]]))
+        boxes.append(_footprint_box(centre, half, height))
         colour = _hsv(rng, (0, 1), (0.3, 0.9), (0.2, 0.8))
         box_materials.append(_material(rng.choice(["noise", "checker"]), colour, colour * 0.6,
                                        period=rng.uniform(0.2, 0.6), noise=0.25, noise_scale=rng.uniform(0.3, 1.0)))
@@ -131,10 +152,11 @@ def _outdoor_scene(rng, hfov):
     sky = {"zenith": _hsv(rng, (0.55, 0.64), (0.35, 0.7), (0.5, 0.85)),
            "horizon": _hsv(rng, (0.55, 0.64), (0.05, 0.2), (0.75, 0.95)),
            "fog_distance": rng.uniform(60, 250)}
-    return camera, planes, boxes, box_materials, spheres, sphere_materials, light, sky
+    return _Scene(camera, planes, boxes, box_materials, spheres, sphere_materials, light, sky)
 
 
-def _room_scene(rng, hfov):
+def _room_scene(rng, hfov) -> _Scene:
+    """A closed room (3-8 m × 4-12 m × 2.4-3.4 m) with furniture boxes, balls and a ceiling lamp."""
     width, length, height = rng.uniform(3, 8), rng.uniform(4, 12), rng.uniform(2.4, 3.4)
     lo, hi = np.array([-width / 2, 0.0, 0.0]), np.array([width / 2, height, length])
     camera = {"height": rng.uniform(1.0, 1.7), "pitch": math.radians(rng.uniform(-20, 5)),
@@ -168,7 +190,7 @@ def _room_scene(rng, hfov):
                 break
         else:
             continue
-        boxes.append(([centre[0] - half[0], 0.0, centre[1] - half[1]], [centre[0] + half[0], box_height, centre[1] + half[1]]))
+        boxes.append(_footprint_box(centre, half, box_height))
         colour = _hsv(rng, (0, 1), (0.2, 0.8), (0.2, 0.8))
         box_materials.append(_material(rng.choice(["noise", "stripes", "checker"]), colour, colour * 0.6,
                                        period=rng.uniform(0.05, 0.3), noise=0.2, noise_scale=0.3, extra={"line": 0.05}))
@@ -188,7 +210,7 @@ def _room_scene(rng, hfov):
     lamp = np.array([rng.uniform(lo[0] + 0.3, hi[0] - 0.3), height - 0.05, rng.uniform(0.5, length - 0.5)])
     light = {"kind": "point", "position": lamp, "colour": np.array([1.0, 0.92, 0.8]) * rng.uniform(1.0, 1.6),
              "falloff": rng.uniform(3.0, 6.0), "ambient": rng.uniform(0.2, 0.35)}
-    return camera, planes, boxes, box_materials, spheres, sphere_materials, light, None
+    return _Scene(camera, planes, boxes, box_materials, spheres, sphere_materials, light, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +354,8 @@ def _fractal_noise(u, v, footprint, scale, table):
     total = np.zeros_like(u)
     for octave in range(3):
         size = scale / 2 ** octave
-        total += 0.5 ** octave * _fade(footprint, 2 * size) * (_value_noise(u / size + 17.0 * octave, v / size, table) - 0.5)
+        octave_noise = _value_noise(u / size + 17.0 * octave, v / size, table) - 0.5
+        total += 0.5 ** octave * _fade(footprint, 2 * size) * octave_noise
     return total
 
 
@@ -395,8 +418,9 @@ def render_scene(seed_or_rng, height: int, width: int):
     hfov = math.radians(rng.uniform(50, 80))
     focal = width / 2 / math.tan(hfov / 2)
     outdoor = rng.random() < 0.5
-    camera, planes, boxes, box_materials, spheres, sphere_materials, light, sky = (
-        _outdoor_scene if outdoor else _room_scene)(rng, hfov)
+    scene = (_outdoor_scene if outdoor else _room_scene)(rng, hfov)
+    camera, planes, boxes, spheres, light, sky = (
+        scene.camera, scene.planes, scene.boxes, scene.spheres, scene.light, scene.sky)
     table = rng.random((_NOISE_SIZE, _NOISE_SIZE))
 
     origin = camera["position"]
@@ -405,7 +429,7 @@ def render_scene(seed_or_rng, height: int, width: int):
     hit = object_id >= 0
     ray_length = np.linalg.norm(directions, axis=1)
 
-    materials = [p["material"] for p in planes] + box_materials + sphere_materials
+    materials = [p["material"] for p in planes] + scene.box_materials + scene.sphere_materials
     sphere_centres = np.array([c for c, _ in spheres]).reshape(-1, 3)
     first_sphere = len(planes) + len(boxes)
     colour = np.zeros((len(t), 3))
@@ -543,7 +567,8 @@ def generate_dataset(output, train: int, validation: int, height: int, width: in
     if workers > 1 and len(tasks) > 1:
         # spawn: workers import only numpy/PIL, never inherit a (fork-unsafe) TensorFlow runtime
         with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            for _ in pool.imap_unordered(_render_and_write, tasks, chunksize=max(1, min(8, len(tasks) // (4 * workers)))):
+            chunk = max(1, min(8, len(tasks) // (4 * workers)))
+            for _ in pool.imap_unordered(_render_and_write, tasks, chunksize=chunk):
                 bar.update(1)
     else:
         for task in tasks:
