@@ -88,7 +88,7 @@ def main(argv):
     config = config_from_flags()
     try:
         result = training.run_training(config, flags_text=_flags_text())
-    except (ValueError, FileNotFoundError, PermissionError, training.NonFiniteLossError) as error:
+    except (ValueError, OSError, training.NonFiniteLossError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     print(f"best: {result['best']}\nlast: {result['last']}")

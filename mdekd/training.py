@@ -190,7 +190,8 @@ def ensure_dataset(config):
     from mdekd.data import synthetic
 
     root = pathlib.Path(config.data_dir)
-    if config.dataset == "synthetic":
+    # An existing scene set is reused at whatever size it was rendered; the pipeline resizes it.
+    if config.dataset == "synthetic" and not (root / "train").is_dir():
         synthetic.generate_dataset(root, train=config.synthetic_train,
                                    validation=config.synthetic_validation, height=config.height,
                                    width=config.width, seed=config.seed, progress=True)
