@@ -34,6 +34,7 @@ flags.DEFINE_integer("height", 128, "Input height (multiple of 32).")
 flags.DEFINE_integer("width", 160, "Input width (multiple of 32).")
 flags.DEFINE_string("teacher_encoder", "resnest26", "ResNeSt variant of the teacher.")
 flags.DEFINE_integer("teacher_decoder_channels", 128, "Teacher fusion-decoder width.")
+flags.DEFINE_float("student_alpha", 1.0, "MobileNet width multiplier of the student (1 = paper).")
 flags.DEFINE_integer("teacher_steps", 1500, "Teacher optimiser steps.")
 flags.DEFINE_integer("student_steps", 400, "Optimiser steps of every student run (both arms).")
 flags.DEFINE_integer("batch_size", 8, "Batch size of every run.")
@@ -55,7 +56,8 @@ flags.DEFINE_bool("paper", False, "The paper's setting: MAI2021 at 480x640, ResN
 PAPER = dict(dataset="mai2021", data_dir="data/mai2021", height=480, width=640,
              teacher_encoder="resnest101", teacher_decoder_channels=256, teacher_steps=60000,
              student_steps=40000, batch_size=16, learning_rate=3e-4)
-SMOKE = dict(train_frames=8, validation_frames=4, height=64, width=64, teacher_encoder="resnest14",
+SMOKE = dict(train_frames=8, validation_frames=4, height=64, width=64, student_alpha=0.25,
+             teacher_encoder="resnest14",
              teacher_decoder_channels=16, teacher_steps=4, student_steps=2, batch_size=2,
              seeds=["0", "1"], study_seeds=1, min_teacher_margin=-1e9)
 COLUMNS = ("si_rmse", "rmse", "abs_rel", "delta1")
@@ -239,7 +241,8 @@ def run(s):
 
         def compute():
             keras.utils.set_random_seed(seed)
-            student = build_student((*size, 3))  # same initial weights in both arms for a seed
+            # Same seed → same initial weights in both arms.
+            student = build_student((*size, 3), alpha=s["student_alpha"])
             if arm == "direct":
                 trainer, targets = DepthTrainer(student), None
             else:
