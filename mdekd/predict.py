@@ -1,6 +1,6 @@
 """Depth of single images of any size with a trained model (.keras or .tflite).
 
-The image is resized (bilinear) to the model's fixed input size, and the predicted depth is resized
+The image is resized (bilinear, antialiased as in training) to the model's fixed input size, and the predicted depth is resized
 back (bilinear) to the image's own size, so the output map has the input's H×W. Written per image
 ``<stem>``: ``<stem>_depth.png`` (uint16, millimetres, clipped to 65535, 0 = none),
 ``<stem>_color.png`` (Turbo colour map, near = red) and, when a truth folder is given,
@@ -32,13 +32,18 @@ def list_images(path):
 
 
 def resize_image(image, size):
-    """(H, W, 3) float32 -> (size[0], size[1], 3) float32, bilinear (no copy if already that size)."""
+    """(H, W, 3) float32 -> (size[0], size[1], 3) float32, bilinear with antialiasing.
+
+    The same resize as the training pipeline (``mdekd.data.build_dataset``), so a model sees
+    images prepared as in training. No copy if the image already has that size.
+    """
     import tensorflow as tf
 
     image = np.asarray(image, dtype=np.float32)
     if tuple(image.shape[:2]) == tuple(size):
         return image
-    return tf.image.resize(image, size, method="bilinear").numpy()
+    resized = tf.image.resize(image, size, method="bilinear", antialias=True).numpy()
+    return np.clip(resized, 0.0, 1.0)  # antialiased resampling may overshoot slightly
 
 
 def resize_depth(depth, size):

@@ -1,0 +1,162 @@
+"""Benchmarks: every --smoke mode runs and writes a table with all its rows; the pieces they share
+compute what they claim. The three smoke runs go in parallel (their timings are not looked at)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmark import common, latency, plot
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Run latency, throughput and accuracy --smoke at once; {name: (process result, output dir)}."""
+    root = tmp_path_factory.mktemp("results")
+    # Fewer variants than a plain --smoke where a row would only repeat a code path (each
+    # conversion or traced train step costs seconds): the teacher is timed as Keras only, and the
+    # distillation step (teacher and student networks, both trainers' code) stands for the two
+    # direct ones.
+    extra = {"latency": ["--teacher_variants", "keras"], "throughput": ["--configs", "distill,pipeline"],
+             "accuracy": []}
+    processes = {}
+    for name in ("latency", "throughput", "accuracy"):
+        out = root / name
+        processes[name] = (subprocess.Popen(
+            [sys.executable, "-m", f"benchmark.{name}", "--smoke", "--output_dir", str(out), *extra[name]],
+            cwd=REPO_ROOT,
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
+    results = {}
+    for name, (process, out) in processes.items():
+        stdout, stderr = process.communicate(timeout=600)
+        results[name] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), out)
+    return results
+
+
+def _table_rows(markdown):
+    return [line.split("|")[1:-1] for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith("| model") and not line.startswith("| config")
+            and not line.startswith("| variant") and not line.startswith("| target")]
+
+
+def test_latency_smoke_times_every_variant(smoke_runs):
+    result, out = smoke_runs["latency"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((out / "latency.json").read_text())
+    timed = {(r["model"], r["variant"]) for r in payload["results"]}
+    assert timed == {("student", "keras"), ("student", "fp32"), ("student", "int8"),
+                     ("teacher", "keras"),
+                     ("student_nearest", "fp32"), ("student_nearest", "int8")}
+    for r in payload["results"]:
+        assert r["runs"] == 2 and r["median_ms"] > 0 and r["macs"] > 0 and r["size_bytes"] > 0
+        assert r["gmacs_per_s"] == pytest.approx(r["macs"] / r["median_ms"] * 1e-6)
+    teacher = next(r for r in payload["results"] if r["model"] == "teacher")
+    student = next(r for r in payload["results"] if r["model"] == "student")
+    assert teacher["params"] > 10 * student["params"]
+    assert payload["sgemm_gmacs"]["1"] > 0
+    assert [c["check"] for c in payload["targets"]] == [
+        "int8 speed-up over fp32 TFLite", "fp32 TFLite speed-up over Keras", "fp32 TFLite fraction of sgemm GMAC/s"]
+    table = (out / "latency.md").read_text()
+    assert len([row for row in _table_rows(table) if row[1].strip() in latency.VARIANTS]) == 6
+
+
+def test_throughput_smoke_measures_every_requested_configuration(smoke_runs):
+    result, out = smoke_runs["throughput"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((out / "throughput.json").read_text())
+    assert [r["config"] for r in payload["results"]] == ["distill", "pipeline"]
+    for r in payload["results"]:
+        assert r["images_per_s"] == pytest.approx(2 / (r["median_ms"] / 1e3))
+        assert r["peak_rss_mb"] > 100  # a process that imported TensorFlow
+    table = (out / "throughput.md").read_text()
+    assert [row[0].strip() for row in _table_rows(table)] == ["distill", "pipeline"]
+
+
+def test_accuracy_smoke_evaluates_keras_and_tflite_variants(smoke_runs):
+    result, out = smoke_runs["accuracy"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((out / "accuracy.json").read_text())
+    by_variant = {r["variant"]: r for r in payload["results"]}
+    assert list(by_variant) == ["keras", "fp32", "int8"]
+    keras_si = by_variant["keras"]["metrics"]["si_rmse"]
+    assert by_variant["fp32"]["metrics"]["si_rmse"] == pytest.approx(keras_si, rel=1e-4)
+    assert by_variant["int8"]["si_rmse_target"] == 0.02
+    assert by_variant["int8"]["size_bytes"] < 0.5 * by_variant["fp32"]["size_bytes"]
+    assert [row[0].strip() for row in _table_rows((out / "accuracy.md").read_text())] == ["keras", "fp32", "int8"]
+
+
+def test_plot_draws_every_variant_of_the_smoke_results(smoke_runs, tmp_path):
+    output = tmp_path / "plot.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmark.plot", "--latency_json", str(smoke_runs["latency"][1] / "latency.json"),
+         "--accuracy_json", str(smoke_runs["accuracy"][1] / "accuracy.json"), "--output", str(output)],
+        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pixels = np.asarray(Image.open(output).convert("RGB"))
+    assert pixels.shape == (plot.HEIGHT, plot.WIDTH, 3)
+    for variant in ("keras", "fp32", "int8"):
+        assert np.all(pixels == plot.COLOURS[variant], axis=-1).any(), variant
+
+
+@pytest.mark.parametrize("name", ["latency", "throughput", "accuracy", "plot"])
+def test_every_benchmark_has_help_and_a_smoke_flag(name):
+    result = subprocess.run([sys.executable, "-m", f"benchmark.{name}", "--help"], cwd=REPO_ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    # absl's --help prints the usage and exits with status 1
+    assert "--smoke" in result.stdout and "--output" in result.stdout
+
+
+def test_plot_smoke_writes_a_png(tmp_path):
+    output = tmp_path / "sample.png"
+    result = subprocess.run([sys.executable, "-m", "benchmark.plot", "--smoke", "--output", str(output)],
+                            cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(output).size == (plot.WIDTH, plot.HEIGHT)
+
+
+def test_timing_stats_median_and_p90():
+    stats = common.timing_stats([0.001 * i for i in range(1, 11)])  # 1..10 ms
+    assert stats["median_ms"] == pytest.approx(5.5)
+    assert stats["p90_ms"] == pytest.approx(9.1)
+    assert stats["min_ms"] == pytest.approx(1.0) and stats["runs"] == 10
+
+
+def test_latency_targets_are_ratios_of_the_largest_thread_count():
+    rows = [{"model": "student", "variant": v, "threads": t, "median_ms": ms, "macs": 4.5e9}
+            for v, t, ms in [("keras", 2, 40.0), ("fp32", 2, 20.0), ("int8", 2, 5.0), ("fp32", 1, 100.0)]]
+    results = latency.derive(rows, {1: 50.0, 2: 300.0})
+    checks = {c["check"]: c for c in latency.check_targets(results)}
+    assert checks["int8 speed-up over fp32 TFLite"]["value"] == pytest.approx(4.0)
+    assert checks["fp32 TFLite speed-up over Keras"]["value"] == pytest.approx(2.0)
+    fraction = checks["fp32 TFLite fraction of sgemm GMAC/s"]
+    assert fraction["value"] == pytest.approx(4.5e9 / 0.020 / 1e9 / 300.0) and fraction["met"] is True
+    assert all(c["threads"] == 2 for c in checks.values())
+
+
+def test_plot_refuses_a_thread_count_that_was_not_measured():
+    latency_payload = {"results": [{"model": "student", "variant": "fp32", "threads": 1, "median_ms": 5.0}]}
+    accuracy_payload = {"results": [{"variant": "fp32", "metrics": {"si_rmse": 0.3}}]}
+    points, threads = plot.collect_points(latency_payload, accuracy_payload)
+    assert threads == 1 and points == [{"variant": "fp32", "latency_ms": 5.0, "si_rmse": 0.3}]
+    with pytest.raises(ValueError, match="--threads 2"):
+        plot.collect_points(latency_payload, accuracy_payload, threads=2)
+
+
+def test_nice_ticks_cover_the_range_with_round_steps():
+    ticks = plot.nice_ticks(0.2913, 0.3042)
+    assert ticks[0] <= 0.2913 and ticks[-1] >= 0.3042
+    steps = np.diff(ticks)
+    assert np.allclose(steps, steps[0]) and 3 <= len(ticks) <= 8
+
+
+def test_markdown_table_has_a_header_rule_and_one_line_per_row():
+    table = common.markdown_table(["a", "b"], [[1, 2.5], ["x", None]])
+    assert table.splitlines() == ["| a | b |", "|---|---:|", "| 1 | 2.5 |", "| x |  |"]
