@@ -76,56 +76,105 @@ def test_quickstart_distillation_run_writes_the_student(teacher_run, data_dir, t
     assert "distill_loss" in (out / "metrics.csv").read_text().splitlines()[0]
 
 
-def test_distill_without_teacher_is_refused(data_dir, tmp_path):
-    result = run_train("--mode=distill", "--teacher=", *TINY, f"--data_dir={data_dir}",
-                       f"--output_dir={tmp_path}")
-    assert result.returncode != 0 and "--teacher" in result.stderr
+def tiny_config(tmp_path, **changes):
+    from mdekd.training import TrainConfig
+
+    base = dict(height=64, width=64, batch_size=2, student_alpha=0.25, teacher_encoder="resnest14",
+                teacher_decoder_channels=16, epochs=2, steps_per_epoch=2,
+                output_dir=str(tmp_path / "run"))
+    return TrainConfig(**{**base, **changes})
 
 
-def test_teacher_of_another_input_size_is_refused(teacher_run, data_dir, tmp_path):
-    result = run_train("--flagfile=configs/quickstart_distill.cfg", *TINY, "--height=96",
-                       f"--teacher={teacher_run / 'best.keras'}", f"--data_dir={data_dir}",
-                       f"--output_dir={tmp_path}")
-    assert result.returncode != 0
-    assert "--teacher" in result.stderr and "(64, 64)" in result.stderr
+def test_distill_without_teacher_is_refused(tmp_path):
+    from mdekd.training import validate_config
+
+    with pytest.raises(ValueError, match="--mode=distill needs --teacher"):
+        validate_config(tiny_config(tmp_path, mode="distill", teacher=""))
 
 
-def test_unknown_mode_and_unknown_flag_are_refused(tmp_path):
-    assert "--mode" in run_train("--mode=pupil").stderr
+def test_teacher_of_another_input_size_is_refused(teacher_run, tmp_path):
+    from mdekd.training import load_teacher
+
+    config = tiny_config(tmp_path, mode="distill", height=96, teacher=str(teacher_run / "best.keras"))
+    with pytest.raises(ValueError, match=r"--teacher: .* built for input H×W \(64, 64\)"):
+        load_teacher(config)
+
+
+def test_unknown_distilled_stride_is_refused(teacher_run, tmp_path):
+    from mdekd.training import validate_config
+
+    config = tiny_config(tmp_path, mode="distill", teacher=str(teacher_run / "best.keras"),
+                         distill_strides=("stride8", "stride3"))
+    with pytest.raises(ValueError, match="--distill_strides"):
+        validate_config(config)
+
+
+def test_unknown_mode_and_unknown_flag_are_refused_by_the_cli():
+    result = run_train("--mode=pupil")
+    assert result.returncode != 0 and "--mode" in result.stderr
     result = run_train("--no_such_flag=1")
     assert result.returncode != 0 and "no_such_flag" in result.stderr
 
 
 def test_missing_dataset_is_refused(tmp_path):
-    result = run_train("--dataset=mai2021", f"--data_dir={tmp_path / 'nowhere'}", *TINY,
-                       f"--output_dir={tmp_path / 'out'}")
-    assert result.returncode != 0 and "nowhere" in result.stderr
+    from mdekd.training import ensure_dataset
+
+    config = tiny_config(tmp_path, dataset="mai2021", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="--data_dir: .*nowhere"):
+        ensure_dataset(config)
 
 
-def test_unwritable_output_dir_is_refused(data_dir, tmp_path):
+def test_unwritable_output_dir_is_refused(tmp_path):
+    from mdekd.training import prepare_output_dir
+
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    if os.access(locked, os.W_OK):  # running as root: permissions are not enforced
-        target = "/proc/mdekd_run"
-    else:
-        target = str(locked / "run")
-    result = run_train("--mode=student", *TINY, f"--data_dir={data_dir}", f"--output_dir={target}")
-    assert result.returncode != 0 and "--output_dir" in result.stderr
+    # As root, permissions are not enforced: /proc refuses new entries for everyone.
+    target = locked / "run" if not os.access(locked, os.W_OK) else pathlib.Path("/proc/mdekd_run")
+    with pytest.raises(PermissionError, match="--output_dir: cannot write"):
+        prepare_output_dir(target)
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
-    out = tmp_path / "nan"
-    # A learning rate of 1e30 blows the weights up within the second epoch.
-    result = run_train("--mode=student", *TINY, "--epochs=3", "--learning_rate=1e30",
-                       "--schedule=cosine", f"--data_dir={data_dir}", f"--output_dir={out}")
-    assert result.returncode != 0
-    assert "non-finite loss at training step" in result.stderr and "si_loss=" in result.stderr
-    if (out / "last.keras").exists():
-        import mdekd.models  # noqa: F401
+def test_training_errors_reach_the_user_as_one_line(data_dir, tmp_path):
+    result = run_train("--mode=student", *TINY, f"--data_dir={data_dir}",
+                       "--output_dir=/proc/mdekd_run")
+    assert result.returncode == 1
+    assert "train.py: error: --output_dir: cannot write" in result.stderr
+    assert "Traceback" not in result.stderr
 
-        model = keras.models.load_model(out / "last.keras", compile=False)
-        assert all(np.isfinite(w).all() for w in model.get_weights())
+
+def test_nan_loss_stops_the_cli_naming_the_step_and_the_terms(data_dir, tmp_path):
+    # A learning rate of 1e30 makes the second step's loss non-finite.
+    result = run_train("--mode=student", *TINY, "--learning_rate=1e30", "--schedule=cosine",
+                       f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'nan'}")
+    assert result.returncode == 1
+    assert "non-finite loss at training step 2 (epoch 1, batch 2)" in result.stderr
+    assert "si_loss=" in result.stderr and "gml_loss=" in result.stderr
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
+    from mdekd.distill import DepthTrainer
+    from mdekd.models import build_student
+    from mdekd.training import NetworkCheckpoint, NonFiniteLossError, StopOnNonFiniteLoss
+
+    student = build_student((64, 64, 3), alpha=0.25)
+    trainer = DepthTrainer(student)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images = np.random.default_rng(0).uniform(0, 1, (4, 64, 64, 3)).astype(np.float32)
+    depths = np.full((4, 64, 64, 1), 5.0, np.float32)
+    checkpoint = NetworkCheckpoint(student, tmp_path)
+    callbacks = [StopOnNonFiniteLoss(2, checkpoint), checkpoint]
+    trainer.fit(images, depths, batch_size=2, epochs=1, callbacks=callbacks, verbose=0)
+    good = [w.copy() for w in student.get_weights()]
+    poisoned = student.trainable_weights[-1]
+    poisoned.assign(np.full(poisoned.shape, np.nan, np.float32))
+    with pytest.raises(NonFiniteLossError, match="training step 3 .epoch 2, batch 1."):
+        trainer.fit(images, depths, batch_size=2, epochs=2, initial_epoch=1,
+                    callbacks=callbacks, verbose=0)
+    saved = keras.models.load_model(tmp_path / "last.keras", compile=False).get_weights()
+    for expected, found in zip(good, saved):
+        np.testing.assert_array_equal(expected, found)
 
 
 def test_killed_run_resumes_from_its_last_epoch(data_dir, tmp_path):
@@ -195,21 +244,25 @@ def test_two_workers_on_loopback_end_with_identical_weights(data_dir, tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     out = tmp_path / "multi"
-    processes = []
+    processes, logs = [], []
     for index in range(2):
         env = dict(os.environ, TF_CONFIG=json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        # Output to files: a full pipe would block one worker and, through the collectives, both.
+        logs.append(open(tmp_path / f"worker{index}.log", "w+"))
         processes.append(subprocess.Popen(
             [sys.executable, "train.py", "--mode=student", *TINY, "--distribution=multi_worker",
              f"--data_dir={data_dir}", f"--output_dir={out}"],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            cwd=REPO_ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
     try:
-        outputs = [p.communicate(timeout=300) for p in processes]
+        for p in processes:
+            p.wait(timeout=300)
     finally:
         for p in processes:
             p.kill()
-    for p, (_, err) in zip(processes, outputs):
-        assert p.returncode == 0, err[-3000:]
+    for p, log in zip(processes, logs):
+        log.seek(0)
+        assert p.returncode == 0, log.read()[-3000:]
     import mdekd.models  # noqa: F401
 
     chief = keras.models.load_model(out / "last.keras", compile=False).get_weights()
