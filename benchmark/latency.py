@@ -7,8 +7,11 @@ ratio to an sgemm peak measured in the same process.
     python -m benchmark.latency --smoke              # tiny sizes, seconds (used by the tests)
 
 How it measures:
-- Weights are random (seeded): latency does not depend on their values, except that the int8
-  activation ranges come from calibration on synthetic scenes (``mdekd.data.synthetic``).
+- Weights are random (seeded): latency does not depend on their values. The BatchNorm statistics
+  are estimated on synthetic scenes (``mdekd.data.synthetic``, one training-mode pass) so the
+  activation ranges look like a trained network's; the int8 activation ranges are calibrated on
+  the same scenes. (With the raw init statistics, the int8 student's largest skip ADD falls
+  outside XNNPACK's scale limits and runs in a slow builtin kernel: ~9 ms more at 1 thread.)
 - The parent builds every model, converts and saves each variant once (``--work_dir`` keeps them
   for a later run). Each thread count is then timed in its own child process, because TF's
   intra-op pool and numpy's OpenBLAS pool are fixed when a process starts: the child sets TF to
@@ -39,6 +42,9 @@ MODEL_NAMES = ("student", "teacher")
 VARIANTS = ("keras", "fp32", "fp16", "dynamic", "int8")
 EXPORT_MODE = {"fp32": "none", "fp16": "fp16", "dynamic": "dynamic", "int8": "int8"}
 UPSAMPLING_VARIANTS = ("fp32", "int8")  # nearest vs bilinear student, TOOLCHAIN §5
+# Images per training-mode pass that sets the BN statistics (the teacher's activations at
+# 480×640 take ~1 GB per image in training mode).
+BATCHNORM_IMAGES = {"student": 8, "teacher": 2}
 # Targets of the issue, at 480×640 with 2 threads, in the same run.
 TARGET_INT8_OVER_FP32 = 3.0
 TARGET_FP32_OVER_KERAS = 1.5
@@ -83,17 +89,47 @@ def calibration_images(count, size, seed=0):
     return [render_scene((seed, i), *size)[0].astype(np.float32) / 255.0 for i in range(count)]
 
 
-def build_model(name, config, upsampling="bilinear"):
+def estimate_batchnorm_statistics(model, images):
+    """Set every BatchNorm's moving mean/variance to the batch statistics of ``images``.
+
+    A freshly built network has moving mean 0 and variance 1 everywhere, so its activations
+    drift by orders of magnitude from layer to layer; a trained one's do not. With the raw
+    statistics, the int8 calibration sees the decoder branch and its skip differ in scale by
+    more than XNNPACK accepts for a quantised ADD (input/output scale ratio), that ADD falls
+    back to the single-threaded builtin kernel and int8 looks slower than it is. One forward
+    pass in training mode with momentum 0 gives trained-like ranges without training.
+    """
     import keras
+
+    from mdekd.models.common import iter_layers
+
+    norms = [layer for layer in iter_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(images, training=True)
+    for layer, momentum in zip(norms, momenta):
+        layer.momentum = momentum
+
+
+def build_model(name, config, upsampling="bilinear", images=None):
+    """Random-weight student or teacher; BN statistics estimated on ``images`` when given."""
+    import keras
+    import numpy as np
 
     from mdekd.models import build_student, build_teacher
 
     keras.utils.set_random_seed(0)
     shape = (config["height"], config["width"], 3)
     if name == "teacher":
-        return build_teacher(shape, encoder=config["teacher_encoder"],
-                             decoder_channels=config["teacher_decoder_channels"])
-    return build_student(shape, alpha=config["student_alpha"], upsampling=upsampling)
+        model = build_teacher(shape, encoder=config["teacher_encoder"],
+                              decoder_channels=config["teacher_decoder_channels"])
+    else:
+        model = build_student(shape, alpha=config["student_alpha"], upsampling=upsampling)
+    if images is not None:
+        batch = BATCHNORM_IMAGES["teacher" if name == "teacher" else "student"]
+        estimate_batchnorm_statistics(model, np.stack(images[:batch]))
+    return model
 
 
 def prepare_models(config, work_dir, log=print):
@@ -114,7 +150,7 @@ def prepare_models(config, work_dir, log=print):
     for name, upsampling, variants in jobs:
         label = f"student_{upsampling}" if upsampling == "nearest" else name
         tag = (f"alpha{config['student_alpha']}" if name == "student"
-               else f"{config['teacher_encoder']}_dc{config['teacher_decoder_channels']}")
+               else f"{config['teacher_encoder']}_dc{config['teacher_decoder_channels']}") + "_bnstats"
         stem = os.path.join(work_dir, f"{label}_{tag}_{size[0]}x{size[1]}")
         model = None
         if os.path.isfile(stem + ".info.json"):
@@ -122,20 +158,20 @@ def prepare_models(config, work_dir, log=print):
                 info = json.load(f)
         else:
             log(f"building {label} at {size[0]}x{size[1]} (random weights)")
-            model = build_model(name, config, upsampling)
+            calibration = calibration or calibration_images(config["num_calibration"], size)
+            model = build_model(name, config, upsampling, calibration)
             info = {"params": trainable_parameter_count(model), "macs": count_macs(model)}
             common.write_atomically(stem + ".info.json", json.dumps(info))
         for variant in variants:
             path = f"{stem}_{variant}.{'keras' if variant == 'keras' else 'tflite'}"
             if not os.path.isfile(path):
                 if model is None:
-                    model = build_model(name, config, upsampling)
+                    calibration = calibration or calibration_images(config["num_calibration"], size)
+                    model = build_model(name, config, upsampling, calibration)
                 start = time.perf_counter()
                 if variant == "keras":
                     model.save(path)
                 else:
-                    if variant == "int8" and calibration is None:
-                        calibration = calibration_images(config["num_calibration"], size)
                     tflite = export.convert(model, EXPORT_MODE[variant],
                                             calibration if variant == "int8" else None)
                     export.write_atomically(path, tflite)
@@ -172,7 +208,7 @@ def run_worker(spec_path, output_path):
         if entry["variant"] == "keras":
             runner = KerasRunner(entry["path"])
             image = tf.constant(rng.random((1, *runner.input_shape), dtype=np.float32))
-            forward = runner._forward
+            forward = runner.forward
 
             def run_once():
                 forward(image).numpy()

@@ -30,13 +30,13 @@ import tempfile
 
 import numpy as np
 
+from mdekd.predict import IMAGE_SUFFIXES
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS, TFLiteRunner, depth_only_model, load_keras_model
 
 MODES = ("none", "fp16", "dynamic", "int8")
 MODE_LABELS = {"none": "fp32", "fp16": "fp16", "dynamic": "dynamic", "int8": "int8"}
 DEFAULT_NUM_CALIBRATION = 100  # TOOLCHAIN §9: calibrate int8 on >= 100 real training images
 DEFAULT_NUM_VERIFICATION = 16
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what mdekd.data.read_rgb reads
 STUDENT_RUN_MODES = ("student", "distill")  # run.json "mode" of runs whose network is a student
 
 
@@ -475,7 +475,9 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
     """
     _check_mode(mode)
     model_path = os.fspath(model_path)
-    run = read_run_config(model_path) if os.path.isfile(model_path) else {}
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"--model: Keras model not found: {model_path}")
+    run = read_run_config(model_path)
     dataset = dataset or run.get("dataset") or "mai2021"
     if representative_data is None and mode == "int8":
         representative_data = run.get("data_dir")
