@@ -4,6 +4,8 @@
     python -m benchmark.accuracy --model runs/distill/best.keras --data_dir data/mai2021
     python -m benchmark.accuracy --smoke                           # tiny random student, seconds
 
+Metrics: si-RMSE (scale-invariant), and RMSE/rel raw and after per-image median scaling (the
+networks are trained with scale-invariant losses only, so their absolute scale is arbitrary).
 Each TFLite variant is converted in memory from the .keras model with ``mdekd.export.convert``
 (int8 calibrated on ``--num_calibration`` training images), then every model goes through the
 same ``mdekd.evaluate.evaluate_model`` (SPEC §2 metrics, LiteRT with ``--num_threads``). The
@@ -67,7 +69,7 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
             model, size = TFLiteRunner(tflite, num_threads=num_threads), len(tflite)
         log(f"evaluating {variant}")
         evaluation = evaluate_model(model, data_dir, dataset, split, num_threads=num_threads,
-                                    max_images=max_images)
+                                    max_images=max_images, median_scaling=True)
         results.append({"variant": variant, "size_bytes": size, **evaluation,
                         "model": os.path.abspath(model_path)})
     reference = next((r for r in results if r["variant"] == "keras"), None)
@@ -81,15 +83,19 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
 
     rows = [[r["variant"], common.fmt(r["size_bytes"] / 1e6, 2), common.fmt(r["metrics"]["si_rmse"], 4),
              common.fmt(r["metrics"]["rmse"], 4), common.fmt(r["metrics"]["abs_rel"], 4),
-             common.fmt(r["metrics"]["delta1"], 4),
+             common.fmt(r["median_scaled_metrics"]["rmse"], 4), common.fmt(r["median_scaled_metrics"]["abs_rel"], 4),
+             common.fmt(r["median_scaled_metrics"]["delta1"], 4),
              common.fmt(100 * r["si_rmse_change"], 3) if "si_rmse_change" in r else "",
              "" if r["si_rmse_target"] is None else f"<= {100 * r['si_rmse_target']:g} %",
              {None: "", True: "yes", False: "NO"}[r["target_met"]]] for r in results]
     table = common.markdown_table(
-        ["variant", "size MB", "si_rmse", "rmse", "abs_rel", "delta1", "Δ si-RMSE %", "target", "met"], rows)
+        ["variant", "size MB", "si_rmse", "rmse", "abs_rel", "rmse (med.)", "abs_rel (med.)", "delta1 (med.)",
+         "Δ si-RMSE %", "target", "met"], rows)
     first = results[0] if results else {}
     notes = [f"Model {model_path} at {input_size[0]}x{input_size[1]}; {first.get('num_images')} images of the "
              f"{split} split of {data_dir} ({dataset}); prediction resized to the truth (mdekd.evaluate); "
+             f"(med.): after scaling each prediction by median(truth)/median(prediction), since the "
+             f"training losses are scale-invariant; "
              f"int8 calibrated on {num_calibration} training images; LiteRT {num_threads} threads."]
     payload = {"model": os.path.abspath(model_path), "data_dir": os.fspath(data_dir), "dataset": dataset,
                "split": split, "input_size": list(input_size), "machine": machine, "results": results}

@@ -119,8 +119,11 @@ def thread_env(threads):
     return env
 
 
-def sgemm_gmacs(size=SGEMM_SIZE, repeats=5):
+def sgemm_gmacs(size=SGEMM_SIZE, repeats=10):
     """Achieved float32 matmul rate of *this* process's numpy BLAS, GMAC/s (best of ``repeats``).
+
+    The best run, not the median: the peak is what the hardware can do when it is not
+    disturbed, which on a shared machine only the fastest runs show.
 
     ``size``³ multiply-adds per product. The thread count is whatever OpenBLAS was started with:
     call it in a process whose ``OPENBLAS_NUM_THREADS`` was set before numpy was imported

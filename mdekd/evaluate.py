@@ -21,8 +21,21 @@ from mdekd.tflite_runner import DEFAULT_NUM_THREADS, load_depth_runner
 DEFAULT_BATCH_SIZE = 4
 
 
+def median_scaled(depth_true, depth_pred):
+    """``depth_pred`` × median(truth) / median(prediction) over the valid truth pixels.
+
+    The usual protocol for networks trained only with scale-invariant losses (SI, gradient
+    matching), whose absolute scale is arbitrary; si-RMSE is unchanged by it.
+    """
+    valid = depth_true > 0
+    if not valid.any():
+        return depth_pred
+    return depth_pred * (np.median(depth_true[valid]) / max(float(np.median(depth_pred[valid])), 1e-12))
+
+
 def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch_size=DEFAULT_BATCH_SIZE,
-                   num_threads=DEFAULT_NUM_THREADS, max_images=None, progress=False, **layout_options):
+                   num_threads=DEFAULT_NUM_THREADS, max_images=None, progress=False, median_scaling=False,
+                   **layout_options):
     """SPEC §2 metrics of ``model`` over the ``split`` pairs of ``data_dir``.
 
     model: a ``keras.Model``, a runner of ``mdekd.tflite_runner`` or a .keras/.tflite path.
@@ -33,7 +46,7 @@ def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch
     Returns a dict: ``metrics`` (name -> float, ``mdekd.metrics.METRIC_NAMES``), ``num_images``
     (pairs read), ``num_valid_images`` (those with a valid truth pixel, averaged over), ``model``,
     ``format`` ("keras" | "tflite"), ``input_size`` [H, W], ``data_dir``, ``dataset``, ``split``,
-    ``seconds``.
+    ``seconds``; with ``median_scaling`` also ``median_scaled_metrics`` (``median_scaled``).
     """
     from mdekd.data import list_pairs, read_depth_png, read_rgb, resolve_layout
     from mdekd.metrics import DepthMetricsAccumulator
@@ -47,6 +60,7 @@ def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch
         pairs = pairs[: int(max_images)]
     runner = load_depth_runner(model, num_threads=num_threads)
     accumulator = DepthMetricsAccumulator()
+    scaled_accumulator = DepthMetricsAccumulator() if median_scaling else None
     start = time.perf_counter()
     for first in range(0, len(pairs), batch_size):
         batch = pairs[first : first + batch_size]
@@ -54,12 +68,15 @@ def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch
         predictions = runner.predict(images)
         for (_, depth_path), prediction in zip(batch, predictions):
             truth = read_depth_png(depth_path, depth_scale)
-            accumulator.update(truth, resize_depth(prediction, truth.shape[:2])[..., None])
+            prediction = resize_depth(prediction, truth.shape[:2])[..., None]
+            accumulator.update(truth, prediction)
+            if scaled_accumulator is not None:
+                scaled_accumulator.update(truth, median_scaled(truth, prediction))
         if progress:
             done = first + len(batch)
             print(f"\revaluating {done}/{len(pairs)}", end="\n" if done == len(pairs) else "",
                   file=sys.stderr, flush=True)
-    return {
+    result = {
         "metrics": accumulator.result(),
         "num_images": len(pairs),
         "num_valid_images": accumulator.num_images,
@@ -71,14 +88,20 @@ def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch
         "split": split,
         "seconds": time.perf_counter() - start,
     }
+    if scaled_accumulator is not None:
+        result["median_scaled_metrics"] = scaled_accumulator.result()
+    return result
 
 
 def format_result(result, name=None):
-    """Markdown table of one evaluation result (one row)."""
+    """Markdown table of one evaluation result (one row, two with median scaling)."""
     from mdekd.metrics import format_metrics_table
 
     row = name or os.path.basename(str(result["model"]))
-    return format_metrics_table({row: result["metrics"]}, name_header="model")
+    rows = {row: result["metrics"]}
+    if "median_scaled_metrics" in result:
+        rows[f"{row}, median-scaled"] = result["median_scaled_metrics"]
+    return format_metrics_table(rows, name_header="model")
 
 
 def write_json(path, payload):
@@ -102,7 +125,8 @@ def main(argv):
     try:
         result = evaluate_model(FLAGS.model, FLAGS.data_dir, FLAGS.dataset, FLAGS.split,
                                 batch_size=FLAGS.batch_size, num_threads=FLAGS.num_threads,
-                                max_images=FLAGS.max_images, progress=True, **layout_options)
+                                max_images=FLAGS.max_images, progress=True,
+                                median_scaling=FLAGS.median_scaling, **layout_options)
         print(format_result(result))
         print(f"{result['num_valid_images']} of {result['num_images']} images with valid depth, "
               f"{FLAGS.split} split of {FLAGS.data_dir} ({FLAGS.dataset}), {result['format']} "
@@ -128,6 +152,9 @@ def _define_flags():
     flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads for a .tflite model.", lower_bound=1)
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images per Keras call.", lower_bound=1)
     flags.DEFINE_integer("max_images", None, "Evaluate the first N pairs only.", lower_bound=1)
+    flags.DEFINE_bool("median_scaling", False,
+                      "Also report the metrics after scaling each prediction by median(truth)/median(pred) "
+                      "(for models trained with scale-invariant losses only).")
 
 
 if __name__ == "__main__":

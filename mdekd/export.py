@@ -62,8 +62,11 @@ class Tolerance:
     delta1_drop: float
 
 
-# Why these numbers: fp32 differs from Keras by summation order only (measured ~1e-7 relative).
-# fp16 weights carry a 2^-11 ≈ 5e-4 relative rounding error each; 1e-2 leaves 20× margin for its
+# Why these numbers: fp32 differs from Keras by summation order only: ~1e-7 relative on a
+# freshly initialised student, 2.5e-5 mean / 3.7e-4 max on one whose BatchNorm statistics were
+# set from images (random weights with normalised activations amplify rounding from layer to
+# layer, more than a trained network should); the fp32 gate leaves 4x margin over the latter and
+# is still 1000x below a wrong weight or op. fp16 weights carry a 2^-11 ≈ 5e-4 relative rounding error each; 1e-2 leaves 20× margin for its
 # growth through ~30 layers, and stays 10× below what a real defect gives. The two int8 modes add
 # quantisation noise of a few per cent on trained networks (TOOLCHAIN §9: 0.025 mean on a [0, 1]
 # output); a broken conversion (activation ranges saturated by bad calibration data, inputs in
@@ -72,7 +75,7 @@ class Tolerance:
 # networks and on a few images: the accuracy targets (int8 <= 2 %, fp16 <= 0.1 % relative
 # si-RMSE on a trained student) are measured by ``benchmark.accuracy``, not enforced here.
 TOLERANCES = {
-    "none": Tolerance(mean_relative=1e-5, max_relative=1e-4, metric_drift=1e-4, delta1_drop=1e-3),
+    "none": Tolerance(mean_relative=1e-4, max_relative=1e-3, metric_drift=1e-3, delta1_drop=1e-3),
     "fp16": Tolerance(mean_relative=1e-2, max_relative=5e-2, metric_drift=1e-2, delta1_drop=1e-2),
     "dynamic": Tolerance(mean_relative=0.10, max_relative=1.0, metric_drift=0.10, delta1_drop=0.05),
     "int8": Tolerance(mean_relative=0.10, max_relative=1.0, metric_drift=0.10, delta1_drop=0.05),

@@ -160,3 +160,17 @@ def test_nice_ticks_cover_the_range_with_round_steps():
 def test_markdown_table_has_a_header_rule_and_one_line_per_row():
     table = common.markdown_table(["a", "b"], [[1, 2.5], ["x", None]])
     assert table.splitlines() == ["| a | b |", "|---|---:|", "| 1 | 2.5 |", "| x |  |"]
+
+
+def test_batchnorm_statistics_are_set_from_the_images_and_momentum_restored():
+    import keras
+
+    image = keras.Input((8, 8, 3))
+    norm = keras.layers.BatchNormalization(momentum=0.9)
+    model = keras.Model(image, norm(keras.layers.Conv2D(4, 3, padding="same")(image)))
+    images = np.random.default_rng(0).uniform(0, 5, (6, 8, 8, 3)).astype(np.float32)
+    latency.estimate_batchnorm_statistics(model, images)
+    normalised = model(images, training=False).numpy()  # γ = 1, β = 0 at initialisation
+    np.testing.assert_allclose(normalised.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(normalised.var(axis=(0, 1, 2)), 1.0, rtol=1e-2)
+    assert norm.momentum == 0.9

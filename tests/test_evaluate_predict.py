@@ -148,3 +148,14 @@ def test_panel_starts_with_the_rgb_image():
     panel = depth_panel(image, truth, truth * 1.1)
     assert panel.shape == (8, 40, 3)
     np.testing.assert_array_equal(panel[:, :10], np.round(image * 255).astype(np.uint8))
+
+
+def test_median_scaling_makes_a_scaled_prediction_exact(data_dir):
+    # A constant prediction is not exact, but scaling by the median makes rmse that of
+    # median(truth) — and si_rmse, scale-invariant, must not move.
+    result = evaluate_model(constant_depth_model(), data_dir, "synthetic", "validation", median_scaling=True)
+    raw, scaled = result["metrics"], result["median_scaled_metrics"]
+    assert scaled["si_rmse"] == pytest.approx(raw["si_rmse"], rel=1e-5)
+    truths = [read_depth_png(d, 1e-3) for _, d in list_pairs(data_dir, "validation", "synthetic")]
+    expected = depth_metrics(np.stack(truths), np.stack([np.full_like(t, np.median(t[t > 0])) for t in truths]))
+    assert scaled["rmse"] == pytest.approx(expected["rmse"], rel=1e-5)
