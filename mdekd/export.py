@@ -48,37 +48,43 @@ class ExportError(ValueError):
 class Tolerance:
     """Largest accepted TFLite-vs-Keras disagreement of one mode (depth in metres, > 0).
 
-    Errors are relative to the mean Keras depth over the verification images, so they do not
-    depend on the scene's scale or blow up on a near-zero pixel:
-    ``mean_relative`` = mean|Δ| / mean(depth), ``max_relative`` = max|Δ| / mean(depth).
-    With ground truth, the SPEC §2 metrics of both models are compared too:
-    ``metric_drift`` bounds |m_tflite − m_keras| / m_keras for si_rmse and abs_rel, and
-    ``delta1_drop`` bounds how much δ<1.25 may fall (absolute fraction of pixels).
+    Errors are per pixel and relative, r = |d_tflite − d_keras| / d_keras (depth is > 0 by
+    construction), so they do not depend on the scene's scale: ``mean_relative`` bounds the mean
+    of r, ``p99_relative`` its 99th percentile, ``max_relative`` its maximum (None: not gated).
+    With ground truth, the SPEC §2 metrics of both models are compared too: ``metric_drift``
+    bounds |m_tflite − m_keras| / m_keras for si_rmse and abs_rel, and ``delta1_drop`` bounds how
+    much δ<1.25 may fall (absolute fraction of pixels).
     """
 
     mean_relative: float
-    max_relative: float
+    p99_relative: float
+    max_relative: float | None
     metric_drift: float
     delta1_drop: float
 
 
-# Why these numbers: fp32 differs from Keras by summation order only: ~1e-7 relative on a
-# freshly initialised student, 2.5e-5 mean / 3.7e-4 max on one whose BatchNorm statistics were
-# set from images (random weights with normalised activations amplify rounding from layer to
-# layer, more than a trained network should); the fp32 gate leaves 4x margin over the latter and
-# is still 1000x below a wrong weight or op. fp16 weights carry a 2^-11 ≈ 5e-4 relative rounding error each; 1e-2 leaves 20× margin for its
-# growth through ~30 layers, and stays 10× below what a real defect gives. The two int8 modes add
-# quantisation noise of a few per cent on trained networks (TOOLCHAIN §9: 0.025 mean on a [0, 1]
-# output); a broken conversion (activation ranges saturated by bad calibration data, inputs in
-# 0-255 instead of [0, 1], a mis-scaled head) errs by tens of per cent to 100 % of the depth.
-# The gates sit between the two. They are sanity gates that must also pass on untrained
-# networks and on a few images: the accuracy targets (int8 <= 2 %, fp16 <= 0.1 % relative
-# si-RMSE on a trained student) are measured by ``benchmark.accuracy``, not enforced here.
+# Why these numbers (measured at 128×160 on a student trained 96 steps on synthetic scenes, and
+# on random students). fp32 differs from Keras by summation order only: ~1e-7 relative on a
+# trained or freshly initialised student, 2.5e-5 mean / 3.7e-4 max on a random one whose
+# BatchNorm statistics were set from images (random weights with normalised activations amplify
+# rounding layer by layer); the gates leave >= 4× margin and are 1000× below a wrong weight or op.
+# fp16 weights carry 2^-11 ≈ 5e-4 relative rounding each: 0.2 % mean error measured; gate 1 %.
+# Dynamic-range and int8 add quantisation noise: int8 measured 4.6 % mean, 20 % at p99 and 64 %
+# at worst (a far pixel beyond the calibrated output range; the int8 output has 256 levels),
+# with si-RMSE unchanged (-0.05 %): so int8/dynamic gate the mean (15 %) and p99 (50 %), not the
+# maximum. A broken conversion (saturated activation ranges, inputs in 0-255 instead of [0, 1],
+# a mis-scaled head) errs by tens of per cent to 100 % on most pixels. These are sanity gates that
+# must also pass on untrained networks and a few images: the accuracy targets (int8 <= 2 %,
+# fp16 <= 0.1 % relative si-RMSE on a trained student) are measured by ``benchmark.accuracy``.
 TOLERANCES = {
-    "none": Tolerance(mean_relative=1e-4, max_relative=1e-3, metric_drift=1e-3, delta1_drop=1e-3),
-    "fp16": Tolerance(mean_relative=1e-2, max_relative=5e-2, metric_drift=1e-2, delta1_drop=1e-2),
-    "dynamic": Tolerance(mean_relative=0.10, max_relative=1.0, metric_drift=0.10, delta1_drop=0.05),
-    "int8": Tolerance(mean_relative=0.10, max_relative=1.0, metric_drift=0.10, delta1_drop=0.05),
+    "none": Tolerance(mean_relative=1e-4, p99_relative=1e-3, max_relative=1e-2,
+                      metric_drift=1e-3, delta1_drop=1e-3),
+    "fp16": Tolerance(mean_relative=1e-2, p99_relative=5e-2, max_relative=0.25,
+                      metric_drift=1e-2, delta1_drop=1e-2),
+    "dynamic": Tolerance(mean_relative=0.15, p99_relative=0.5, max_relative=None,
+                         metric_drift=0.10, delta1_drop=0.05),
+    "int8": Tolerance(mean_relative=0.15, p99_relative=0.5, max_relative=None,
+                      metric_drift=0.10, delta1_drop=0.05),
 }
 
 
@@ -87,13 +93,17 @@ def _check_mode(mode):
         raise ValueError(f"quantize mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
-def _progress(done, total, label, stream=sys.stderr):
-    """One-line progress bar on stderr (stdout is silenced during conversion)."""
+def _progress(done, total, label, stream=None):
+    """Progress bar on stderr (stdout is silenced during conversion): redrawn in place on a
+    terminal, a line per quarter otherwise (logs)."""
+    stream = stream or sys.stderr
     width = 30
     filled = int(width * done / max(total, 1))
-    stream.write(f"\r{label} [{'=' * filled}{'.' * (width - filled)}] {done}/{total}")
-    if done >= total:
-        stream.write("\n")
+    bar = f"{label} [{'=' * filled}{'.' * (width - filled)}] {done}/{total}"
+    if stream.isatty():
+        stream.write(f"\r{bar}" + ("\n" if done >= total else ""))
+    elif done == total or done % max(total // 4, 1) == 0:
+        stream.write(bar + "\n")
     stream.flush()
 
 
@@ -170,7 +180,7 @@ class CalibrationImages:
                     _progress(done, len(self.paths), "int8 calibration")
                 yield image[None]
         finally:
-            if self.progress and done < len(self.paths):
+            if self.progress and done < len(self.paths) and sys.stderr.isatty():
                 sys.stderr.write("\n")  # end the progress line before an error message
 
 
@@ -316,15 +326,18 @@ def forbidden_ops(op_names):
 # Verification
 
 
-def _relative_errors(reference, candidate):
-    difference = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
-    scale = float(np.mean(np.abs(reference))) or 1.0
+def relative_errors(reference, candidate):
+    """Absolute (metres) and per-pixel relative differences of two depth arrays (reference > 0)."""
+    reference = reference.astype(np.float64)
+    difference = np.abs(candidate.astype(np.float64) - reference)
+    relative = difference / np.maximum(np.abs(reference), 1e-12)
     return {
         "max_abs_diff": float(difference.max()),
         "mean_abs_diff": float(difference.mean()),
-        "max_relative_diff": float(difference.max() / scale),
-        "mean_relative_diff": float(difference.mean() / scale),
-        "mean_keras_depth": scale,
+        "mean_relative_diff": float(relative.mean()),
+        "p99_relative_diff": float(np.percentile(relative, 99)),
+        "max_relative_diff": float(relative.max()),
+        "mean_keras_depth": float(reference.mean()),
     }
 
 
@@ -362,15 +375,16 @@ def verify(tflite_bytes, keras_model, images, depths=None, mode="none",
         "num_threads": int(num_threads),
         "num_images": int(len(images)),
         "ops": ops,
-        **_relative_errors(reference, candidate),
+        **relative_errors(reference, candidate),
         "tolerance": dataclasses.asdict(tolerance),
     }
     failures = []
     if not np.all(np.isfinite(candidate)):
         failures.append(f"{int(np.sum(~np.isfinite(candidate)))} non-finite output values")
     for key, limit in (("mean_relative_diff", tolerance.mean_relative),
+                       ("p99_relative_diff", tolerance.p99_relative),
                        ("max_relative_diff", tolerance.max_relative)):
-        if not report[key] <= limit:
+        if limit is not None and not report[key] <= limit:
             failures.append(f"{key} {report[key]:.3g} > {limit:.3g}")
     if depths is not None:
         keras_metrics = depth_metrics(depths, reference)
@@ -554,7 +568,8 @@ def summarize(report):
         f"input {'x'.join(map(str, report['input_shape']))})",
         f"ops: {', '.join(f'{k}×{v}' for k, v in report['ops'].items())}",
         f"vs Keras on {report['verification_data']}: max|Δ| {report['max_abs_diff']:.3g} m, "
-        f"mean|Δ| {report['mean_abs_diff']:.3g} m ({100 * report['mean_relative_diff']:.3g} % of the mean depth)",
+        f"mean|Δ| {report['mean_abs_diff']:.3g} m; relative per pixel: mean {100 * report['mean_relative_diff']:.3g} %, "
+        f"p99 {100 * report['p99_relative_diff']:.3g} %, max {100 * report['max_relative_diff']:.3g} %",
     ]
     if "metrics" in report:
         from mdekd.metrics import format_metrics_table

@@ -267,3 +267,12 @@ def test_cli_without_model_exports_the_newest_student_beside_it(student_file, da
     report = json.loads((run / "student_fp16.tflite.json").read_text())
     assert report["mode"] == "fp16" and "validation" in report["verification_data"]
     assert (run / "student_fp16.tflite").stat().st_size == report["tflite_bytes"]
+
+
+def test_relative_errors_are_per_pixel_so_far_and_near_pixels_weigh_alike():
+    keras_depth = np.array([1.0, 10.0, 10.0, 10.0])
+    tflite_depth = np.array([1.1, 11.0, 10.0, 10.0])  # both first pixels off by 10 %
+    errors = export.relative_errors(keras_depth, tflite_depth)
+    assert errors["max_relative_diff"] == pytest.approx(0.1)
+    assert errors["mean_relative_diff"] == pytest.approx(0.05)
+    assert errors["max_abs_diff"] == pytest.approx(1.0)
