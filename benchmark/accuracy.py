@@ -63,7 +63,8 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
         else:
             calibration = None
             if variant == "int8":
-                paths = export.evenly_spaced(export.image_files(representative_data or data_dir), num_calibration)
+                paths = export.evenly_spaced(export.image_files(representative_data or data_dir, dataset),
+                                             num_calibration)
                 calibration = export.CalibrationImages(paths, input_size)
             tflite = export.convert(network, EXPORT_MODE[variant], calibration)
             model, size = TFLiteRunner(tflite, num_threads=num_threads), len(tflite)

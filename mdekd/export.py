@@ -111,9 +111,10 @@ def _progress(done, total, label, stream=None):
 # Image sources: calibration (training images) and verification (held-out images, maybe with truth)
 
 
-def image_files(directory):
+def image_files(directory, dataset=None):
     """RGB images for calibration: ``<dir>/train/rgb`` (MAI2021 layout), ``<dir>/rgb``, or the
-    image files directly in ``<dir>`` — the first of these that holds any. Sorted paths.
+    image files directly in ``<dir>`` — the first of these that holds any; failing those, the RGB
+    files of the ``train`` pairs of ``dataset`` (nested layouts such as KITTI). Sorted paths.
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -124,6 +125,10 @@ def image_files(directory):
             names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
             if names:
                 return [os.path.join(folder, n) for n in names]
+    if dataset is not None and os.path.isdir(os.path.join(directory, "train")):
+        from mdekd.data import list_pairs
+
+        return [rgb for rgb, _ in list_pairs(directory, "train", dataset)]
     raise ValueError(
         f"--representative_data: no images ({', '.join(IMAGE_SUFFIXES)}) in "
         f"{' or '.join(c for c in candidates)}"
@@ -509,7 +514,7 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
     check_output_writable(output)
     calibration_paths = None
     if mode == "int8":
-        calibration_paths = evenly_spaced(image_files(representative_data), num_calibration)
+        calibration_paths = evenly_spaced(image_files(representative_data, dataset), num_calibration)
         check_images(calibration_paths)  # a stray non-image fails now, not minutes into conversion
 
     model = load_keras_model(model_path)
