@@ -138,7 +138,11 @@ def draw_plot(points, title, path):
         px, py = to_pixel(p["latency_ms"], p["si_rmse"])
         colour = COLOURS.get(p["variant"], (0, 0, 0))
         draw.ellipse([px - 6, py - 6, px + 6, py + 6], fill=colour, outline="black")
-        draw.text((px + 9, py - 9), f"{p['variant']} {p['latency_ms']:.1f} ms", fill=colour, font=small)
+        label = f"{p['variant']} {p['latency_ms']:.1f} ms"
+        if px + 9 + draw.textlength(label, font=small) > right:  # keep the label inside the frame
+            draw.text((px - 9, py - 9), label, fill=colour, font=small, anchor="ra")
+        else:
+            draw.text((px + 9, py - 9), label, fill=colour, font=small)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = path + ".tmp.png"
     image.save(temporary)
