@@ -1,7 +1,8 @@
 """Depth of single images of any size with a trained model (.keras or .tflite).
 
-The image is resized (bilinear, antialiased as in training) to the model's fixed input size, and the predicted depth is resized
-back (bilinear) to the image's own size, so the output map has the input's H×W. Written per image
+The image is resized (bilinear, antialiased as in training) to the model's fixed input size, and
+the predicted depth is resized back (bilinear) to the image's own size, so the output map has the
+input's H×W (the same rule as ``mdekd.evaluate``). Written per image
 ``<stem>``: ``<stem>_depth.png`` (uint16, millimetres, clipped to 65535, 0 = none),
 ``<stem>_color.png`` (Turbo colour map, near = red) and, when a truth folder is given,
 ``<stem>_panel.png`` = RGB | truth | prediction | |error| side by side.
