@@ -20,7 +20,8 @@ How it measures:
 - One timed run = one batch-1 forward pass including the input copy: ``runner(image)`` of the
   LiteRT signature runner, or the ``tf.function`` call plus ``.numpy()`` for Keras. ``--warmup``
   untimed runs first; the median and p90 of ``--runs`` runs are reported (``--teacher_runs`` for
-  the teacher, which is ~40× slower).
+  the teacher, which is ~40× slower). All variants are loaded at once and timed in turns of 5
+  runs each (after one untimed run), so load from other processes falls on all of them alike.
 - sgemm peak: numpy float32 ``a @ b`` of 2048×2048 matrices (OpenBLAS, best of 10, measured
   before and after the models, the larger kept) in the same child, so with the same thread count; MACs of the model (``mdekd.models.count_macs``: conv and
   dense layers) / median latency gives its achieved GMAC/s.
@@ -45,6 +46,7 @@ UPSAMPLING_VARIANTS = ("fp32", "int8")  # nearest vs bilinear student, TOOLCHAIN
 # Images per training-mode pass that sets the BN statistics (the teacher's activations at
 # 480×640 take ~1 GB per image in training mode).
 BATCHNORM_IMAGES = {"student": 8, "teacher": 2}
+BLOCK_RUNS = 5  # consecutive timed runs of one variant before the next variant's turn
 # Targets of the issue, at 480×640 with 2 threads, in the same run.
 TARGET_INT8_OVER_FP32 = 3.0
 TARGET_FP32_OVER_KERAS = 1.5
@@ -202,31 +204,35 @@ def run_worker(spec_path, output_path):
     from mdekd.tflite_runner import KerasRunner, TFLiteRunner
 
     rng = np.random.default_rng(0)
-    results = []
+    prepared = []
     for entry in spec["entries"]:
         runs = spec["teacher_runs"] if entry["network"] == "teacher" else spec["runs"]
         if entry["variant"] == "keras":
             runner = KerasRunner(entry["path"])
             image = tf.constant(rng.random((1, *runner.input_shape), dtype=np.float32))
-            forward = runner.forward
-
-            def run_once():
-                forward(image).numpy()
+            run_once = (lambda forward, image: lambda: forward(image).numpy())(runner.forward, image)
         else:
             runner = TFLiteRunner(entry["path"], num_threads=threads)
             image = rng.random((1, *runner.input_shape), dtype=np.float32)
-
-            def run_once():
-                runner.run_one(image)
+            run_once = (lambda runner, image: lambda: runner.run_one(image))(runner, image)
         for _ in range(spec["warmup"]):
             run_once()
-        seconds = []
-        for _ in range(runs):
-            start = time.perf_counter()
+        prepared.append((entry, runs, run_once, []))
+    # Interleaved in blocks of BLOCK_RUNS runs per variant (after one untimed run that brings its
+    # weights back into the caches), so that load from other processes, which comes and goes,
+    # falls on all variants alike and their ratios stay fair.
+    while any(len(seconds) < runs for _, runs, _, seconds in prepared):
+        for entry, runs, run_once, seconds in prepared:
+            todo = min(BLOCK_RUNS, runs - len(seconds))
+            if todo <= 0:
+                continue
             run_once()
-            seconds.append(time.perf_counter() - start)
-        results.append({**entry, "threads": threads, **common.timing_stats(seconds)})
-        del runner
+            for _ in range(todo):
+                start = time.perf_counter()
+                run_once()
+                seconds.append(time.perf_counter() - start)
+    results = [{**entry, "threads": threads, **common.timing_stats(seconds)}
+               for entry, _, _, seconds in prepared]
     # Measured before and after the models: the larger of the two is the less disturbed one.
     sgemm = max(sgemm_before, common.sgemm_gmacs(spec["sgemm_size"]))
     payload = {"threads": threads, "sgemm_gmacs": sgemm, "sgemm_size": spec["sgemm_size"],
