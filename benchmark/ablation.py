@@ -170,6 +170,7 @@ def evaluate(model, images, depths, batch_size=16):
     median(truth) / median(prediction) over the valid pixels (the usual protocol for such models);
     si-RMSE is unaffected by it.
     """
+    from mdekd.evaluate import median_scaled
     from mdekd.metrics import DepthMetricsAccumulator
     from mdekd.tflite_runner import load_depth_runner
 
@@ -179,10 +180,7 @@ def evaluate(model, images, depths, batch_size=16):
         batch = images[start:start + batch_size].astype(np.float32) / 255.0
         for truth, prediction in zip(depths[start:start + batch_size], runner.predict(batch)):
             raw.update(truth, prediction)
-            valid = truth > 0
-            if valid.any():
-                prediction = prediction * (np.median(truth[valid]) / np.median(prediction[valid]))
-            scaled.update(truth, prediction)
+            scaled.update(truth, median_scaled(truth, prediction))
     return {"metrics": scaled.result(), "raw_metrics": raw.result()}
 
 
@@ -192,7 +190,7 @@ def cached(path, compute):
     if path.exists():
         return json.loads(path.read_text())
     result = compute()
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, path)
     return result
@@ -246,7 +244,8 @@ def run(s):
         return target_cache[key]
 
     def student_run(arm, seed, lambda_d, strides, pool_scale, tag):
-        path = out / f"{tag}_seed{seed}"
+        # Names carry settings such as "0.125": build them whole, never with with_suffix().
+        name = f"{tag}_seed{seed}"
 
         def compute():
             keras.utils.set_random_seed(seed)
@@ -265,10 +264,10 @@ def run(s):
             seconds = train(student, trainer, training_batches(
                 images, depths, s["batch_size"], seed, targets), s["student_steps"],
                 s["learning_rate"], f"{tag} seed {seed}")
-            save_model_atomically(student, path.with_suffix(".keras"))
+            save_model_atomically(student, out / f"{name}.keras")
             return {**evaluate(student, val_images, val_depths), "train_seconds": seconds}
 
-        return cached(path.with_suffix(".json"), compute)
+        return cached(out / f"{name}.json", compute)
 
     pool = s["pool_scale"] or None
     strides = tuple(s["distill_strides"])
@@ -287,7 +286,7 @@ def run(s):
           for seed in s["seeds"]]
 
     rows = {"teacher": summarise([teacher_result]), "student, direct training": summarise(direct),
-            "student, distillation": summarise(kd)}
+            "student, distillation": summarise(kd, baseline=direct)}
     if s["tflite"]:
         rows.update(tflite_rows(out, s, val_images, val_depths))
     for setting in s["study"]:
@@ -295,7 +294,7 @@ def run(s):
         tag = "study_" + setting.replace("=", "-").replace(":", "_").replace("+", "-")
         results = [student_run("distill", seed, options["lambda_d"], options["strides"],
                                options["pool_scale"], tag) for seed in s["seeds"][:s["study_seeds"]]]
-        rows[f"study: {setting}"] = summarise(results)
+        rows[f"study: {setting}"] = summarise(results, baseline=direct)
     report = {"rows": rows, "teacher_margin": margin, "settings": s,
               "wall_seconds": time.perf_counter() - t0}
     write_report(out, report)
@@ -338,25 +337,33 @@ def tflite_rows(out, s, val_images, val_depths):
     return rows
 
 
-def summarise(results):
-    """mean and std over runs of each column."""
-    row = {}
-    for column in COLUMNS:
-        values = np.array([r["metrics"][column] for r in results], dtype=np.float64)
-        row[column] = {"mean": float(values.mean()), "std": float(values.std(ddof=1))
-                       if len(values) > 1 else 0.0, "n": len(values)}
+def _stats(values):
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "n": len(values),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+
+
+def summarise(results, baseline=None):
+    """Mean and sample std over runs of each column; with ``baseline`` (the direct runs, in seed
+    order) also the si-RMSE difference to the direct run of the same seed, paired by seed."""
+    row = {column: _stats([r["metrics"][column] for r in results]) for column in COLUMNS}
+    if baseline is not None:
+        row["delta_si_rmse"] = _stats([r["metrics"]["si_rmse"] - b["metrics"]["si_rmse"]
+                                       for r, b in zip(results, baseline)])
     return row
 
 
 def format_table(rows):
-    header = ("| model | si-RMSE | RMSE (m)* | rel* | δ1* | runs |\n"
-              "|---|---|---|---|---|---|\n")
+    header = ("| model | si-RMSE | RMSE (m)* | rel* | δ1* | Δ si-RMSE vs direct, same seeds | runs |\n"
+              "|---|---|---|---|---|---|---|\n")
     lines = []
     for name, row in rows.items():
         cells = []
         for column in COLUMNS:
             mean, std = row[column]["mean"], row[column]["std"]
             cells.append(f"{mean:.4f} ± {std:.4f}" if row[column]["n"] > 1 else f"{mean:.4f}")
+        delta = row.get("delta_si_rmse")
+        cells.append(f"{delta['mean']:+.4f} ± {delta['std']:.4f}" if delta else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row[COLUMNS[0]]['n']} |")
     return header + "\n".join(lines) + "\n"
 
