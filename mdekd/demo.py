@@ -38,7 +38,7 @@ def steps():
          f"{STUDENT}/student_int8.tflite"),
         ("evaluate the int8 model on the validation scenes",
          [py, "-m", "mdekd.evaluate", f"--model={STUDENT}/student_int8.tflite",
-          f"--data_dir={DATA}"], None),
+          f"--data_dir={DATA}", "--median_scaling"], None),
         ("latency of the student at 128x160 (Keras and TFLite, 1 and 2 threads)",
          [py, "-m", "benchmark.latency", "--models=student", "--height=128", "--width=160",
           "--runs=30", "--output_dir=runs/quickstart_latency"], None),

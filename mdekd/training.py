@@ -127,7 +127,8 @@ def run_training(config, flags_text=None, progress=True):
         result = trainer.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                              validation_data=val_ds,
                              validation_steps=config.validation_steps or None,
-                             callbacks=callbacks, verbose=1 if progress else 0)
+                             callbacks=callbacks, shuffle=False,  # the dataset shuffles itself
+                             verbose=1 if progress else 0)
         history = result.history
     return {"best": str(checkpoint.best_path), "last": str(checkpoint.last_path),
             "history": history, "output_dir": str(worker_dir)}
