@@ -6,7 +6,7 @@ A run directory holds:
 - ``best.keras`` / ``last.keras``: the trained **network** (never the Distiller), float32;
 - ``run.json`` (mode, input shape, data) and ``flags.txt`` (the flags used, flagfile format);
 - ``metrics.csv`` (one row per epoch), ``tensorboard/`` (loss terms, metrics, an RGB | truth | prediction
-  panel each epoch), ``backup/`` (weights + optimiser + epoch, for resuming an interrupted run).
+  | error panel each epoch), ``backup/`` (weights + optimiser + epoch, for resuming an interrupted run).
 
 An "epoch" is ``steps_per_epoch`` optimiser steps on an endlessly repeated training set; resume restarts
 from the last completed epoch, so ``steps_per_epoch`` is also the checkpoint interval.
@@ -413,7 +413,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 
 class DepthPanelLogger(keras.callbacks.Callback):
-    """Writes an RGB | truth | prediction panel of a fixed validation batch to TensorBoard."""
+    """Writes an RGB | truth | prediction | error panel of a fixed validation batch to TensorBoard."""
 
     def __init__(self, network, batch, log_dir):
         super().__init__()
@@ -422,7 +422,7 @@ class DepthPanelLogger(keras.callbacks.Callback):
         self.writer = tf.summary.create_file_writer(str(log_dir))
 
     def on_epoch_end(self, epoch, logs=None):
-        from mdekd.visualize import depth_panel
+        from mdekd.predict import depth_panel
 
         predictions = self.network(self.images, training=False)["depth"].numpy()
         panels = np.stack([
@@ -430,7 +430,7 @@ class DepthPanelLogger(keras.callbacks.Callback):
             for image, truth, pred in zip(self.images, self.depths, predictions)
         ])
         with self.writer.as_default():
-            tf.summary.image("rgb_truth_prediction", panels, step=epoch, max_outputs=len(panels))
+            tf.summary.image("rgb_truth_prediction_error", panels, step=epoch, max_outputs=len(panels))
         self.writer.flush()
 
 
