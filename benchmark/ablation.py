@@ -121,7 +121,7 @@ def training_batches(images, depths, batch_size, seed, targets=None):
 
 # ------------------------------------------------------------------------------------------ running
 
-def train(network, trainer, batches, steps, learning_rate, label):
+def train(trainer, batches, steps, learning_rate, label):
     import keras
 
     from mdekd.schedules import make_schedule
@@ -206,7 +206,7 @@ def run(s):
     out = pathlib.Path(s["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     size = (s["height"], s["width"])
-    dataset = "mai2021" if s["dataset"] == "synthetic" else s["dataset"]
+    dataset = s["dataset"]  # "synthetic" is the MAI2021 layout to every loader
     t0 = time.perf_counter()
     if s["dataset"] == "synthetic":
         from mdekd.data.synthetic import generate_dataset
@@ -225,7 +225,7 @@ def run(s):
         keras.utils.set_random_seed(100)
         teacher = build_teacher((*size, 3), encoder=s["teacher_encoder"],
                                 decoder_channels=s["teacher_decoder_channels"])
-        seconds = train(teacher, DepthTrainer(teacher), training_batches(
+        seconds = train(DepthTrainer(teacher), training_batches(
             images, depths, s["batch_size"], 100), s["teacher_steps"], s["learning_rate"], "teacher")
         save_model_atomically(teacher, teacher_path)
         return {**evaluate(teacher, val_images, val_depths), "train_seconds": seconds}
@@ -261,7 +261,7 @@ def run(s):
                 if targets is not None:
                     trainer = Distiller(teacher=None, student=student, lambda_d=lambda_d,
                                         strides=strides, pool_scale=pool_scale)
-            seconds = train(student, trainer, training_batches(
+            seconds = train(trainer, training_batches(
                 images, depths, s["batch_size"], seed, targets), s["student_steps"],
                 s["learning_rate"], f"{tag} seed {seed}")
             save_model_atomically(student, out / f"{name}.keras")
@@ -320,7 +320,7 @@ def parse_setting(setting, lambda_d, strides, pool_scale):
 def tflite_rows(out, s, val_images, val_depths):
     from mdekd.export import export_tflite
 
-    dataset = "mai2021" if s["dataset"] == "synthetic" else s["dataset"]
+    dataset = s["dataset"]
     model = out / f"distill_seed{s['seeds'][0]}.keras"
     rows = {}
     for mode in ("fp16", "int8"):

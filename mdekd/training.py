@@ -205,17 +205,15 @@ def _dataset(config, data_dir, split, **kwargs):
     from mdekd.data import build_dataset
 
     options = {} if config.depth_scale is None else {"depth_scale": config.depth_scale}
-    dataset = "mai2021" if config.dataset == "synthetic" else config.dataset
-    return build_dataset(data_dir, split=split, dataset=dataset, batch_size=config.batch_size,
+    return build_dataset(data_dir, split=split, dataset=config.dataset, batch_size=config.batch_size,
                          image_size=(config.height, config.width), seed=config.seed, **options,
                          **kwargs)
 
 
 def _training_dataset(config, data_dir, output_dir):
-    from mdekd.data import list_pairs
+    from mdekd.data import num_examples
 
-    dataset = "mai2021" if config.dataset == "synthetic" else config.dataset
-    num_train = len(list_pairs(data_dir, split="train", dataset=dataset))
+    num_train = num_examples(data_dir, "train", config.dataset)
     if num_train < config.batch_size:
         raise ValueError(f"--batch_size={config.batch_size} exceeds the {num_train} training pairs "
                          f"in {data_dir}")
