@@ -40,10 +40,25 @@ flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warm-up steps (cos
 flags.DEFINE_float("lambda_si", _D.lambda_si, "Weight of the scale-invariant loss.")
 flags.DEFINE_float("lambda_gml", _D.lambda_gml, "Weight of the gradient matching loss.")
 flags.DEFINE_float("lambda_d", _D.lambda_d, "Weight of the pairwise distillation loss.")
+flags.DEFINE_float("lambda_response", _D.lambda_response,
+                   "Weight of response distillation: SI loss of the student's depth against the "
+                   "teacher's over every pixel, labelled or not.")
+flags.DEFINE_float("variance_focus", _D.variance_focus,
+                   "λ of the SI loss, mean(g²) − λ·mean(g)²: 1 = scale-invariant (the paper's form), "
+                   "< 1 also fixes the scale so the network predicts metres.")
+flags.DEFINE_enum("feature_activation", _D.feature_activation, ["", "relu"],
+                  "Compare distilled maps as output ('', the paper) or after a ReLU on both sides.")
+flags.DEFINE_string("unlabeled_dir", _D.unlabeled_dir,
+                    "Folder of photos without depth (recursive, any size): distillation terms only.")
+flags.DEFINE_float("unlabeled_ratio", _D.unlabeled_ratio,
+                   "Exact share of each batch drawn from --unlabeled_dir, in [0, 1).")
+flags.DEFINE_bool("teacher_cache", _D.teacher_cache,
+                  "Compute the teacher's targets once per frame (needs --noaugment).")
 flags.DEFINE_list("distill_strides", list(_D.distill_strides),
                   f"Distilled teacher/student pairs, a subset of {list(distill.DISTILL_STRIDES)}.")
 flags.DEFINE_string("pool_scale", str(_D.pool_scale),
-                    "Node grid of the pairwise loss as a fraction of the map ('none' = every pixel).")
+                    "Node grid of the pairwise loss as a fraction of the map ('none' = every pixel); "
+                    "one value, or per stride as 'stride16:none,stride8:0.5,...'.")
 flags.DEFINE_string("teacher", _D.teacher, "Teacher .keras file, or teacher weights (distill mode).")
 flags.DEFINE_string("teacher_encoder", _D.teacher_encoder, "ResNeSt variant of the teacher.")
 flags.DEFINE_integer("teacher_decoder_channels", _D.teacher_decoder_channels,
@@ -63,12 +78,10 @@ flags.DEFINE_bool("mixed_precision", _D.mixed_precision,
 
 def config_from_flags():
     """A ``TrainConfig`` from the parsed flags."""
-    pool = FLAGS.pool_scale.strip().lower()
     try:
-        pool_scale = None if pool in ("none", "") else float(pool)
+        pool_scale = training.parse_pool_scale(FLAGS.pool_scale)
     except ValueError as error:
-        raise app.UsageError(f"--pool_scale: expected a number or 'none', got '{FLAGS.pool_scale}'") \
-            from error
+        raise app.UsageError(str(error)) from error
     values = {field: FLAGS[field].value for field in training.TrainConfig.__dataclass_fields__
               if field in FLAGS and field not in ("pool_scale", "distill_strides", "output_dir")}
     return training.TrainConfig(

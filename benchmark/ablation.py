@@ -1,22 +1,28 @@
-"""The paper's ablation: the FastDepth student trained directly vs by distillation, over seeds.
+"""Ablation v2: does distillation make the FastDepth student better? Two protocols, one path.
 
-    python -m benchmark.ablation                 # default: synthetic scenes, sized for 2 CPU cores
-    python -m benchmark.ablation --paper         # MAI2021 at 480x640 with ResNeSt-101 (GPU)
-    python -m benchmark.ablation --smoke         # tiny end-to-end check (CI)
+    python -m benchmark.ablation                      # both protocols, synthetic scenes, 2 CPU cores
+    python -m benchmark.ablation --protocols=label_scarce
+    python -m benchmark.ablation --paper              # MAI2021 at 480x640, ResNeSt-101 teacher (GPU)
+    python -m benchmark.ablation --smoke              # every arm of both protocols, tiny (CI)
 
-Steps, each reused when its result file exists (the run is resumable):
-1. synthesise (or reuse) the scene set; load train and validation splits into memory;
-2. train the teacher (the larger share of the budget) and evaluate it;
-3. for every seed, train the student directly, and check the teacher's margin over it;
-4. for every seed, distil the student from the teacher with the same steps, schedule, data order,
-   initial weights and seed; the teacher's targets are precomputed once (``--teacher_cache``);
-5. export the seed-0 distilled student to fp16 and int8 TFLite and evaluate those;
-6. optionally, a study of distillation knobs (``--study``);
-then print and save the table (markdown + JSON) in the paper's form.
+Every network is trained by ``mdekd.training.run_training`` (the ``train.py`` path) and scored by
+``mdekd.evaluate.evaluate_model`` on the validation split, on its **last** checkpoint (no model
+selection on the split that is reported). Protocols (docs/ablation.md has the pre-registration):
+
+- ``paper``: all training frames labelled; direct training vs the paper's KD (four stride pairs,
+  ``pool_scale=0.5``, λd = 1), the same steps, seeds, initial weights and data order per seed.
+- ``label_scarce``: the teacher learnt from every labelled frame; students see the labels of
+  ``--labelled_frames`` of them and the rest as unlabelled photos (``--unlabeled_ratio`` of each
+  batch). Arms: direct; paper-exact KD; the best pairwise node grid (``affinity_targets``, chosen
+  by measurement before any student is trained); response KD; pairwise + response.
+
+Each run writes its folder and a result JSON under ``--output_dir``; finished runs are reused, so
+the command resumes where it stopped. Results: ``docs/results/<protocol>.json`` and a table.
 """
 
+import dataclasses
 import json
-import os
+import math
 import pathlib
 import sys
 import time
@@ -24,164 +30,67 @@ import time
 import numpy as np
 from absl import app, flags
 
+from mdekd.atomic import write_text_atomically
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", "benchmark/results/ablation", "Results and trained models.")
-flags.DEFINE_string("dataset", "synthetic", "synthetic | mai2021 | folder | kitti | nyu.")
+flags.DEFINE_string("output_dir", "benchmark/results/ablation", "Run folders and per-run results.")
+flags.DEFINE_string("results_dir", "docs/results", "Where the protocol JSON files are written.")
+flags.DEFINE_list("protocols", ["label_scarce", "paper"], "Protocols to run, in order.")
+flags.DEFINE_string("dataset", "synthetic", "synthetic | mai2021 (layout of --data_dir).")
 flags.DEFINE_string("data_dir", "data/ablation", "Dataset root (synthetic: generated if absent).")
 flags.DEFINE_integer("train_frames", 2000, "Synthetic training frames.")
 flags.DEFINE_integer("validation_frames", 500, "Synthetic validation frames.")
 flags.DEFINE_integer("height", 128, "Input height (multiple of 32).")
 flags.DEFINE_integer("width", 160, "Input width (multiple of 32).")
 flags.DEFINE_string("teacher_encoder", "resnest26", "ResNeSt variant of the teacher.")
-flags.DEFINE_integer("teacher_decoder_channels", 128, "Teacher fusion-decoder width.")
+flags.DEFINE_integer("teacher_decoder_channels", 64, "Teacher fusion-decoder width.")
+flags.DEFINE_integer("teacher_steps", 600, "Teacher optimiser steps (all labelled frames).")
 flags.DEFINE_float("student_alpha", 1.0, "MobileNet width multiplier of the student (1 = paper).")
-flags.DEFINE_integer("teacher_steps", 1500, "Teacher optimiser steps.")
-flags.DEFINE_integer("student_steps", 400, "Optimiser steps of every student run (both arms).")
+flags.DEFINE_integer("paper_steps", 400, "Student steps of the paper protocol.")
+flags.DEFINE_integer("scarce_steps", 800, "Student steps of the label-scarce protocol.")
+flags.DEFINE_integer("labelled_frames", 150, "Labelled training frames of the label-scarce students.")
+flags.DEFINE_float("unlabeled_ratio", 0.5, "Share of each label-scarce KD batch that is unlabelled.")
 flags.DEFINE_integer("batch_size", 8, "Batch size of every run.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak AdamW learning rate (one-cycle).")
-flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds per arm.")
-flags.DEFINE_float("lambda_d", 1.0, "Weight of the distillation loss.")
-flags.DEFINE_list("distill_strides", ["stride16", "stride8", "stride4", "stride2"], "Pairs.")
-flags.DEFINE_float("pool_scale", 0.5, "Node grid of the pairwise loss (0 = no pooling).")
-flags.DEFINE_bool("teacher_cache", True, "Precompute the teacher's targets once (no augmentation).")
-flags.DEFINE_float("min_teacher_margin", 0.10,
-                   "Stop unless the teacher's si-RMSE is this much lower than the direct student's.")
-flags.DEFINE_list("study", [], "Extra distillation settings, each 'key=value[:key=value]' with keys "
-                  "pool_scale, lambda_d, strides (strides joined by '+'); e.g. pool_scale=0.125.")
-flags.DEFINE_integer("study_seeds", 2, "Seeds per study setting (the first N of --seeds).")
-flags.DEFINE_bool("tflite", True, "Add fp16/int8 TFLite rows of the seed-0 distilled student.")
-flags.DEFINE_bool("smoke", False, "Tiny sizes and a few steps: checks the pipeline end to end.")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds of every arm.")
+flags.DEFINE_integer("affinity_frames", 200, "Validation frames measured to choose the node grid.")
+flags.DEFINE_bool("smoke", False, "Tiny sizes and a few steps: every arm end to end (CI).")
 flags.DEFINE_bool("paper", False, "The paper's setting: MAI2021 at 480x640, ResNeSt-101 teacher.")
 
 PAPER = dict(dataset="mai2021", data_dir="data/mai2021", height=480, width=640,
              teacher_encoder="resnest101", teacher_decoder_channels=256, teacher_steps=60000,
-             student_steps=40000, batch_size=16, learning_rate=3e-4)
-SMOKE = dict(train_frames=8, validation_frames=4, height=64, width=64, student_alpha=0.25,
-             teacher_encoder="resnest14",
-             teacher_decoder_channels=16, teacher_steps=4, student_steps=2, batch_size=2,
-             seeds=["0", "1"], study_seeds=1, min_teacher_margin=-1e9)
-COLUMNS = ("si_rmse", "rmse", "abs_rel", "delta1")
+             paper_steps=40000, scarce_steps=40000, batch_size=16, learning_rate=3e-4,
+             labelled_frames=1000)
+SMOKE = dict(train_frames=12, validation_frames=4, height=64, width=64, student_alpha=0.25,
+             teacher_encoder="resnest14", teacher_decoder_channels=16, teacher_steps=2,
+             paper_steps=2, scarce_steps=2, batch_size=4, labelled_frames=6, seeds=["0"],
+             affinity_frames=4, output_dir="benchmark/results/ablation_smoke",
+             results_dir="benchmark/results/ablation_smoke/results", data_dir="data/ablation_smoke")
+STRIDES = ("stride16", "stride8", "stride4", "stride2")
+PAPER_KD = dict(lambda_d=1.0, pool_scale=0.5, feature_activation="", lambda_response=0.0)
+# Node grids measured for the "best pairwise" arm; None (every cell a node) only where the map is
+# small enough for an N×N affinity per image.
+GRID_CANDIDATES = (0.5, 0.25, 0.125, None)
+MAX_NODES = 1024
+METRICS = ("si_rmse", "rmse", "abs_rel", "delta1")
 
 
 def settings():
     """Flag values with --paper / --smoke presets applied (explicit flags still win)."""
-    values = {flag.name: flag.value
-              for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])}
+    values = {flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])}
     preset = PAPER if values["paper"] else SMOKE if values["smoke"] else {}
     for name, value in preset.items():
         if not FLAGS[name].present:
             values[name] = value
     values["seeds"] = [int(s) for s in values["seeds"]]
-    if values["smoke"] and not FLAGS["output_dir"].present:
-        values["output_dir"] = "benchmark/results/ablation_smoke"
-    if values["smoke"] and not FLAGS["data_dir"].present:
-        values["data_dir"] = "data/ablation_smoke"
+    unknown = sorted(set(values["protocols"]) - {"paper", "label_scarce"})
+    if unknown:
+        raise app.UsageError(f"--protocols: unknown {unknown}; expected paper, label_scarce")
     return values
 
 
 def log(message):
     print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------- data
-
-def load_split(root, dataset, split, size):
-    """(images uint8 (N, H, W, 3), depths float32 (N, H, W, 1) metres) resized to ``size``."""
-    from mdekd.data import list_pairs, read_depth_png, read_rgb, resolve_layout
-    from mdekd.predict import resize_image
-
-    scale = resolve_layout(dataset).depth_scale
-    images, depths = [], []
-    for rgb, depth in list_pairs(root, split, dataset):
-        images.append((resize_image(read_rgb(rgb), size) * 255).round().astype(np.uint8))
-        truth = read_depth_png(depth, scale)
-        if truth.shape[:2] != tuple(size):  # nearest: never blend invalid (0) with valid depth
-            rows = np.arange(size[0]) * truth.shape[0] // size[0]
-            cols = np.arange(size[1]) * truth.shape[1] // size[1]
-            truth = truth[rows][:, cols]
-        depths.append(truth.astype(np.float32))
-    return np.stack(images), np.stack(depths)
-
-
-def training_batches(images, depths, batch_size, seed, targets=None):
-    """Endless shuffled batches; the order depends only on ``seed`` (same for both arms)."""
-    import tensorflow as tf
-
-    inputs = images if targets is None else {"image": images, **targets}
-    ds = tf.data.Dataset.from_tensor_slices((inputs, depths))
-    ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
-
-    def to_float(x, y):
-        if isinstance(x, dict):
-            return {**x, "image": tf.cast(x["image"], tf.float32) / 255.0}, y
-        return tf.cast(x, tf.float32) / 255.0, y
-
-    return ds.batch(batch_size, drop_remainder=True).map(to_float).prefetch(2)
-
-
-# ------------------------------------------------------------------------------------------ running
-
-def train(trainer, batches, steps, learning_rate, label):
-    import keras
-
-    from mdekd.schedules import make_schedule
-
-    trainer.compile(optimizer=keras.optimizers.AdamW(
-        make_schedule("onecycle", learning_rate, steps), weight_decay=1e-4), jit_compile=False)
-    start = time.perf_counter()
-    trainer.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0,
-                callbacks=[ProgressBar(steps, label)])
-    return time.perf_counter() - start
-
-
-class _Progress:
-    def __init__(self, total, label):
-        self.total, self.label, self.start = total, label, time.perf_counter()
-
-    def update(self, done, loss):
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        width = 30
-        bar = "#" * int(width * done / self.total)
-        print(f"\r  {self.label} [{bar:<{width}}] {done}/{self.total} loss {loss:.4f} "
-              f"{rate:.2f} steps/s", end="\n" if done == self.total else "", file=sys.stderr,
-              flush=True)
-
-
-def ProgressBar(total, label):  # noqa: N802  (a Keras callback factory)
-    import keras
-
-    class Bar(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.progress = _Progress(total, label)
-
-        def on_train_batch_end(self, batch, logs=None):
-            if (batch + 1) % 10 == 0 or batch + 1 == total:
-                self.progress.update(batch + 1, float((logs or {}).get("loss", float("nan"))))
-
-    return Bar()
-
-
-def evaluate(model, images, depths, batch_size=16):
-    """SPEC §2 metrics on the validation arrays, raw and after per-image median scaling.
-
-    Every training loss here (SI, gradient matching, pairwise) is scale-invariant, so nothing fixes
-    the networks' absolute scale: RMSE, rel and δ1 are read after scaling each prediction by
-    median(truth) / median(prediction) over the valid pixels (the usual protocol for such models);
-    si-RMSE is unaffected by it.
-    """
-    from mdekd.evaluate import median_scaled
-    from mdekd.metrics import DepthMetricsAccumulator
-    from mdekd.tflite_runner import load_depth_runner
-
-    runner = load_depth_runner(model)
-    raw, scaled = DepthMetricsAccumulator(), DepthMetricsAccumulator()
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].astype(np.float32) / 255.0
-        for truth, prediction in zip(depths[start:start + batch_size], runner.predict(batch)):
-            raw.update(truth, prediction)
-            scaled.update(truth, median_scaled(truth, prediction))
-    return {"metrics": scaled.result(), "raw_metrics": raw.result()}
 
 
 def cached(path, compute):
@@ -190,203 +99,254 @@ def cached(path, compute):
     if path.exists():
         return json.loads(path.read_text())
     result = compute()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(result, indent=2))
     return result
 
 
-def run(s):
-    import keras
+# ------------------------------------------------------------------------------------------- data
 
-    from mdekd.distill import DepthTrainer, Distiller, compute_teacher_targets
-    from mdekd.models import build_student, build_teacher
-    from mdekd.training import save_model_atomically
-
-    out = pathlib.Path(s["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    size = (s["height"], s["width"])
-    dataset = s["dataset"]  # "synthetic" is the MAI2021 layout to every loader
-    t0 = time.perf_counter()
+def prepare_data(s):
+    """(labelled root, dataset name): the full scene set, generated once for ``synthetic``."""
     if s["dataset"] == "synthetic":
         from mdekd.data.synthetic import generate_dataset
 
-        log(f"scene set {s['data_dir']}: {s['train_frames']} train + {s['validation_frames']} val")
         generate_dataset(s["data_dir"], train=s["train_frames"], validation=s["validation_frames"],
-                         height=s["height"], width=s["width"], seed=1234, progress=True)
-    images, depths = load_split(s["data_dir"], dataset, "train", size)
-    val_images, val_depths = load_split(s["data_dir"], dataset, "validation", size)
-    log(f"loaded {len(images)} training and {len(val_images)} validation frames at {size}")
+                         height=s["height"], width=s["width"], seed=1234, progress=False)
+        return pathlib.Path(s["data_dir"]), "mai2021"  # the synthetic set is the MAI2021 layout
+    return pathlib.Path(s["data_dir"]), s["dataset"]
 
-    # Teacher: more steps, a larger network; trained once.
-    teacher_path = out / "teacher.keras"
 
-    def train_teacher():
-        keras.utils.set_random_seed(100)
-        teacher = build_teacher((*size, 3), encoder=s["teacher_encoder"],
-                                decoder_channels=s["teacher_decoder_channels"])
-        seconds = train(DepthTrainer(teacher), training_batches(
-            images, depths, s["batch_size"], 100), s["teacher_steps"], s["learning_rate"], "teacher")
-        save_model_atomically(teacher, teacher_path)
-        return {**evaluate(teacher, val_images, val_depths), "train_seconds": seconds}
+def label_scarce_split(root, dataset, out, labelled):
+    """Symlinked folders: ``out/labelled`` (the first ``labelled`` training pairs + the whole
+    validation split, MAI2021 layout) and ``out/unlabelled`` (the other training RGB files)."""
+    from mdekd.data import list_pairs
 
-    teacher_result = cached(out / "teacher.json", train_teacher)
-    teacher = keras.models.load_model(teacher_path, compile=False)
-    log(f"teacher si-RMSE {teacher_result['metrics']['si_rmse']:.4f}")
+    pairs = list_pairs(root, "train", dataset)
+    if labelled >= len(pairs):
+        raise ValueError(f"--labelled_frames={labelled} leaves no unlabelled frame of {len(pairs)}")
+    target, photos = out / "labelled", out / "unlabelled"
+    if (photos / ".complete").exists():
+        return target, photos
 
-    target_cache = {}
+    def link(source, destination):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if not destination.exists():
+            destination.symlink_to(pathlib.Path(source).resolve())
 
-    def teacher_targets(trainer, strides, pool_scale):
-        key = (strides, pool_scale)  # the targets depend on the setting, not on the seed
-        if key not in target_cache:
-            log(f"precomputing teacher targets for {len(images)} frames, {strides}, pool {pool_scale}")
-            target_cache[key] = compute_teacher_targets(trainer, images.astype(np.float32) / 255.0)
-        return target_cache[key]
+    for index, (rgb, depth) in enumerate(pairs):
+        name = f"{index:06d}"
+        if index < labelled:
+            link(rgb, target / "train" / "rgb" / f"{name}{pathlib.Path(rgb).suffix}")
+            link(depth, target / "train" / "depth" / f"{name}.png")
+        else:
+            link(rgb, photos / f"{name}{pathlib.Path(rgb).suffix}")
+    for index, (rgb, depth) in enumerate(list_pairs(root, "validation", dataset)):
+        link(rgb, target / "validation" / "rgb" / f"{index:06d}{pathlib.Path(rgb).suffix}")
+        link(depth, target / "validation" / "depth" / f"{index:06d}.png")
+    (photos / ".complete").write_text("done\n")
+    return target, photos
 
-    def student_run(arm, seed, lambda_d, strides, pool_scale, tag):
-        # Names carry settings such as "0.125": build them whole, never with with_suffix().
-        name = f"{tag}_seed{seed}"
 
-        def compute():
-            keras.utils.set_random_seed(seed)
-            # Same seed → same initial weights in both arms.
-            student = build_student((*size, 3), alpha=s["student_alpha"])
-            if arm == "direct":
-                trainer, targets = DepthTrainer(student), None
-            else:
-                trainer = Distiller(teacher=teacher, student=student, lambda_d=lambda_d,
-                                    strides=strides, pool_scale=pool_scale)
-                targets = (teacher_targets(trainer, strides, pool_scale)
-                           if s["teacher_cache"] else None)
-                if targets is not None:
-                    trainer = Distiller(teacher=None, student=student, lambda_d=lambda_d,
-                                        strides=strides, pool_scale=pool_scale)
-            seconds = train(trainer, training_batches(
-                images, depths, s["batch_size"], seed, targets), s["student_steps"],
-                s["learning_rate"], f"{tag} seed {seed}")
-            save_model_atomically(student, out / f"{name}.keras")
-            return {**evaluate(student, val_images, val_depths), "train_seconds": seconds}
+# ---------------------------------------------------------------------------------------- training
 
-        return cached(out / f"{name}.json", compute)
+def base_config(s, **fields):
+    from mdekd.training import TrainConfig
 
-    pool = s["pool_scale"] or None
-    strides = tuple(s["distill_strides"])
-    direct = [student_run("direct", seed, 0, (), None, "direct") for seed in s["seeds"]]
-    direct_si = float(np.mean([r["metrics"]["si_rmse"] for r in direct]))
-    margin = 1.0 - teacher_result["metrics"]["si_rmse"] / direct_si
-    log(f"teacher margin over the direct student: {100 * margin:.1f} % lower si-RMSE")
-    if margin < s["min_teacher_margin"]:
-        raise SystemExit(
-            f"ablation stopped: the teacher (si-RMSE {teacher_result['metrics']['si_rmse']:.4f}) is "
-            f"only {100 * margin:.1f} % better than the directly trained student ({direct_si:.4f}); "
-            f"distillation is judged only with a margin of at least "
-            f"{100 * s['min_teacher_margin']:.0f} %. Give the teacher more steps (--teacher_steps), "
-            f"a larger variant (--teacher_encoder) or more data (--train_frames).")
-    kd = [student_run("distill", seed, s["lambda_d"], strides, pool, "distill")
-          for seed in s["seeds"]]
+    return TrainConfig(height=s["height"], width=s["width"], batch_size=s["batch_size"],
+                       learning_rate=s["learning_rate"], schedule="onecycle", augment=False,
+                       student_alpha=s["student_alpha"], teacher_encoder=s["teacher_encoder"],
+                       teacher_decoder_channels=s["teacher_decoder_channels"], **fields)
 
-    rows = {"teacher": summarise([teacher_result]), "student, direct training": summarise(direct),
-            "student, distillation": summarise(kd, baseline=direct)}
-    if s["tflite"]:
-        rows.update(tflite_rows(out, s, val_images, val_depths))
-    for setting in s["study"]:
-        options = parse_setting(setting, s["lambda_d"], strides, pool)
-        tag = "study_" + setting.replace("=", "-").replace(":", "_").replace("+", "-")
-        results = [student_run("distill", seed, options["lambda_d"], options["strides"],
-                               options["pool_scale"], tag) for seed in s["seeds"][:s["study_seeds"]]]
-        rows[f"study: {setting}"] = summarise(results, baseline=direct)
-    report = {"rows": rows, "teacher_margin": margin, "settings": s,
-              "wall_seconds": time.perf_counter() - t0}
-    write_report(out, report)
+
+def train_and_evaluate(config, steps, result_path):
+    """Train ``config`` for ``steps`` (4 checkpointed epochs) and score its last checkpoint."""
+    from mdekd.evaluate import evaluate_model
+    from mdekd.training import run_training
+
+    def compute():
+        epochs = 4 if steps >= 4 else 1
+        run_config = dataclasses.replace(config, epochs=epochs, steps_per_epoch=steps // epochs,
+                                         validation_steps=8)
+        start = time.perf_counter()
+        result = run_training(run_config, progress=False)
+        seconds = time.perf_counter() - start
+        scores = evaluate_model(result["last"], config.data_dir, "mai2021", median_scaling=True)
+        return {"metrics": scores["metrics"], "median_scaled_metrics": scores["median_scaled_metrics"],
+                "train_seconds": seconds, "model": result["last"]}
+
+    return cached(result_path, compute)
+
+
+def train_teacher(s, root, dataset, out):
+    config = base_config(s, mode="teacher", dataset=dataset, data_dir=str(root), seed=100,
+                         output_dir=str(out / "teacher"))
+    result = train_and_evaluate(config, s["teacher_steps"], out / "teacher.json")
+    log(f"teacher si-RMSE {result['metrics']['si_rmse']:.4f}")
+    return result
+
+
+# --------------------------------------------------------------------------------- node-grid study
+
+def affinity_targets(s, teacher_path, root, dataset, out):
+    """Measure, per stride and candidate node grid, how much the teacher's affinities vary across
+    images: the loss left by predicting the dataset-mean affinity (0 = the target carries no
+    per-image information). The grid with the largest such loss per stride is the "best" one."""
+    def compute():
+        import keras
+        import tensorflow as tf
+
+        from mdekd import losses
+        from mdekd.data import build_dataset
+
+        teacher = keras.models.load_model(teacher_path, compile=False)
+        ds = build_dataset(root, "validation", dataset, batch_size=4,
+                           image_size=(s["height"], s["width"]), shuffle=False)
+        outputs = {name: [] for name in STRIDES}
+        seen = 0
+        for images, _ in ds:
+            result = teacher(images, training=False)
+            for name in STRIDES:
+                outputs[name].append(tf.nn.relu(result[name]).numpy())
+            seen += len(images)
+            if seen >= s["affinity_frames"]:
+                break
+        table = {}
+        for name in STRIDES:
+            maps = np.concatenate(outputs[name])
+            rows = {}
+            for grid in GRID_CANDIDATES:
+                pool = losses.affinity_pool_size(*maps.shape[1:3], grid)
+                nodes = losses.affinity_nodes(tf.constant(maps), pool)
+                if nodes.shape[1] > MAX_NODES:
+                    continue
+                affinity = tf.linalg.matmul(nodes, nodes, transpose_b=True).numpy()
+                mean = affinity.mean(axis=0, keepdims=True)
+                rows[str(grid)] = {"nodes": int(nodes.shape[1]),
+                                   "mean_predictor_loss": float(((affinity - mean) ** 2).mean()),
+                                   "mean_off_diagonal": float(
+                                       (affinity.sum((1, 2)) - np.trace(affinity, axis1=1, axis2=2)).mean()
+                                       / max(nodes.shape[1] * (nodes.shape[1] - 1), 1))}
+            best = max(rows, key=lambda key: rows[key]["mean_predictor_loss"])
+            table[name] = {"candidates": rows, "best": best}
+        return table
+
+    table = cached(out / "affinity_targets.json", compute)
+    grid = {name: (None if table[name]["best"] == "None" else float(table[name]["best"]))
+            for name in STRIDES}
+    log(f"best node grid per stride: {grid}")
+    return table, grid
+
+
+# ------------------------------------------------------------------------------------------- arms
+
+def arms(protocol, grid, s, photos):
+    """(name, paper_exact, config fields) of each arm of ``protocol``."""
+    unlabelled = dict(unlabeled_dir=str(photos), unlabeled_ratio=s["unlabeled_ratio"])
+    best_pairwise = dict(lambda_d=1.0, pool_scale=grid, feature_activation="relu")
+    if protocol == "paper":
+        return [("direct", False, dict(mode="student")),
+                ("paper_kd", True, dict(mode="distill", **PAPER_KD))]
+    return [("direct", False, dict(mode="student")),
+            ("paper_kd", True, dict(mode="distill", **PAPER_KD)),
+            ("pairwise_best", False, dict(mode="distill", lambda_response=0.0, **best_pairwise, **unlabelled)),
+            ("response", False, dict(mode="distill", lambda_d=0.0, lambda_response=1.0, **unlabelled)),
+            ("pairwise_response", False, dict(mode="distill", lambda_response=1.0, **best_pairwise,
+                                              **unlabelled))]
+
+
+def run_protocol(protocol, s, teacher, grid, root, photos, out, command, start):
+    steps = s["paper_steps"] if protocol == "paper" else s["scarce_steps"]
+    data_dir = root if protocol == "paper" else out / "label_scarce_data" / "labelled"
+    table = arms(protocol, grid, s, photos)
+    results = {name: [] for name, _, _ in table}
+    for seed in s["seeds"]:  # seed-major: a partial run has every arm on its first seeds
+        for name, _, fields in table:
+            tag = f"{protocol}_{name}_seed{seed}"
+            config = base_config(s, dataset="mai2021", data_dir=str(data_dir), seed=seed,
+                                 teacher=teacher["model"], teacher_cache=True,
+                                 output_dir=str(out / tag), **fields)
+            log(f"{tag}")
+            results[name].append(train_and_evaluate(config, steps, out / f"{tag}.json"))
+    report = {
+        "protocol": protocol, "command": command,
+        "wall_minutes": (time.perf_counter() - start) / 60,
+        "machine": "2 vCPU, no GPU (the project's development machine)",
+        "steps": steps, "teacher": {"si_rmse": teacher["metrics"]["si_rmse"],
+                                    "metrics": teacher["metrics"]},
+        "settings": {k: v for k, v in s.items() if k not in ("smoke", "paper")},
+        "arms": [arm_summary(name, exact, fields, s["seeds"], results[name], results["direct"])
+                 for name, exact, fields in table],
+    }
+    path = pathlib.Path(s["results_dir"]) / f"{protocol}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps(report, indent=2, default=str))
+    table_text = format_table(report)
+    write_text_atomically(path.with_suffix(".md"), table_text)
+    print(table_text)
     return report
 
 
-def parse_setting(setting, lambda_d, strides, pool_scale):
-    options = {"lambda_d": lambda_d, "strides": strides, "pool_scale": pool_scale}
-    for item in setting.split(":"):
-        key, _, value = item.partition("=")
-        if key == "pool_scale":
-            options[key] = float(value) or None
-        elif key == "lambda_d":
-            options[key] = float(value)
-        elif key == "strides":
-            options[key] = tuple(value.split("+"))
-        else:
-            raise ValueError(f"--study: unknown key '{key}' in '{setting}'; "
-                             "expected pool_scale, lambda_d or strides")
-    return options
+def arm_summary(name, paper_exact, fields, seeds, runs, direct):
+    summary = {"name": name, "paper_exact": paper_exact, "seeds": list(seeds),
+               "config": {k: v for k, v in fields.items() if k != "unlabeled_dir"},
+               "per_seed_si_rmse": [r["metrics"]["si_rmse"] for r in runs]}
+    for metric in METRICS[1:]:
+        summary[f"per_seed_{metric}"] = [r["metrics"][metric] for r in runs]
+        summary[f"per_seed_{metric}_median_scaled"] = [r["median_scaled_metrics"][metric] for r in runs]
+    if name != "direct":
+        summary.update(paired_comparison(summary["per_seed_si_rmse"],
+                                         [r["metrics"]["si_rmse"] for r in direct]))
+    return summary
 
 
-def tflite_rows(out, s, val_images, val_depths):
-    from mdekd.export import export_tflite
+def paired_comparison(arm, direct):
+    """Paired Δ si-RMSE vs direct (same seeds): mean, relative mean, paired t-test two-sided p."""
+    from scipy import stats
 
-    dataset = s["dataset"]
-    model = out / f"distill_seed{s['seeds'][0]}.keras"
-    rows = {}
-    for mode in ("fp16", "int8"):
-        tflite = out / f"distill_seed{s['seeds'][0]}_{mode}.tflite"
-
-        def compute(mode=mode, tflite=tflite):
-            export_tflite(str(model), mode, output=str(tflite), representative_data=s["data_dir"],
-                          dataset=dataset, validation_data=s["data_dir"], progress=False,
-                          log=lambda *a, **k: None)
-            return evaluate(str(tflite), val_images, val_depths)
-
-        result = cached(out / f"distill_seed{s['seeds'][0]}_{mode}.json", compute)
-        rows[f"student, distillation, TFLite {mode} (seed {s['seeds'][0]})"] = summarise([result])
-    return rows
+    delta = np.asarray(arm) - np.asarray(direct)
+    result = {"delta_si_rmse": float(delta.mean()),
+              "relative_delta": float(delta.mean() / np.mean(direct)),
+              "delta_std": float(delta.std(ddof=1)) if len(delta) > 1 else 0.0}
+    if len(delta) > 1 and np.any(delta != delta[0]):
+        result["p_value"] = float(stats.ttest_rel(arm, direct).pvalue)
+    else:
+        result["p_value"] = math.nan
+    return result
 
 
-def _stats(values):
-    values = np.asarray(values, dtype=np.float64)
-    return {"mean": float(values.mean()), "n": len(values),
-            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-
-
-def summarise(results, baseline=None):
-    """Mean and sample std over runs of each column; with ``baseline`` (the direct runs, in seed
-    order) also the si-RMSE difference to the direct run of the same seed, paired by seed."""
-    row = {column: _stats([r["metrics"][column] for r in results]) for column in COLUMNS}
-    if baseline is not None:
-        row["delta_si_rmse"] = _stats([r["metrics"]["si_rmse"] - b["metrics"]["si_rmse"]
-                                       for r, b in zip(results, baseline)])
-    return row
-
-
-def format_table(rows):
-    header = ("| model | si-RMSE | RMSE (m)* | rel* | δ1* | Δ si-RMSE vs direct, same seeds | runs |\n"
-              "|---|---|---|---|---|---|---|\n")
-    lines = []
-    for name, row in rows.items():
+def format_table(report):
+    lines = [f"protocol `{report['protocol']}`: {report['steps']} student steps; teacher si-RMSE "
+             f"{report['teacher']['si_rmse']:.4f}\n",
+             "| arm | paper-exact | seeds | si-RMSE | RMSE (m) | rel | δ1 | Δ si-RMSE vs direct | rel. Δ | p |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in report["arms"]:
         cells = []
-        for column in COLUMNS:
-            mean, std = row[column]["mean"], row[column]["std"]
-            cells.append(f"{mean:.4f} ± {std:.4f}" if row[column]["n"] > 1 else f"{mean:.4f}")
-        delta = row.get("delta_si_rmse")
-        cells.append(f"{delta['mean']:+.4f} ± {delta['std']:.4f}" if delta else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row[COLUMNS[0]]['n']} |")
-    return header + "\n".join(lines) + "\n"
+        for metric in METRICS:
+            values = arm[f"per_seed_{metric}"]
+            cells.append(f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}")
+        delta = (f"{arm['delta_si_rmse']:+.4f} ± {arm['delta_std']:.4f} | {100 * arm['relative_delta']:+.1f} % | "
+                 f"{arm['p_value']:.3g}" if "delta_si_rmse" in arm else " | | ")
+        lines.append(f"| {arm['name']} | {'yes' if arm['paper_exact'] else ''} | {len(arm['seeds'])} | "
+                     + " | ".join(cells) + f" | {delta} |")
+    return "\n".join(lines) + "\n"
 
 
-def write_report(out, report):
-    table = format_table(report["rows"])
-    text = (f"{table}\n* after per-image median scaling (all losses are scale-invariant); "
-            f"mean ± sample std over runs.\n\nteacher margin over the direct student: "
-            f"{100 * report['teacher_margin']:.1f} % lower si-RMSE; wall time "
-            f"{report['wall_seconds'] / 60:.1f} min (reused parts not counted)\n")
-    for name, content in (("ablation.md", text),
-                          ("ablation.json", json.dumps(report, indent=2, default=str))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, out / name)
-    print(text)
+def run(s, command):
+    start = time.perf_counter()
+    out = pathlib.Path(s["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    root, dataset = prepare_data(s)
+    teacher = train_teacher(s, root, dataset, out)
+    _, grid = affinity_targets(s, teacher["model"], root, dataset, out)
+    _, photos = label_scarce_split(root, dataset, out / "label_scarce_data", s["labelled_frames"])
+    return [run_protocol(protocol, s, teacher, grid, root, photos, out, command, start)
+            for protocol in s["protocols"]]
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    s = settings()
-    run(s)
+    run(settings(), "python -m benchmark.ablation " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

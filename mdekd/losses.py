@@ -23,6 +23,9 @@ DEFAULT_LAMBDA_SI = 1.0
 DEFAULT_LAMBDA_GML = 0.5
 DEFAULT_LAMBDA_D = 1.0
 
+# docs/design.md §1: λ < 1 keeps the depth scale, so trained networks predict metres (BTS's value).
+METRIC_VARIANCE_FOCUS = 0.85
+
 DEFAULT_GML_SCALES = 4  # SPEC §1; MiDaS reference GradientLoss(scales=4)
 DEFAULT_POOL_SCALE = 0.5  # SPEC §1; Liu et al. 2019 reference, pairwise loss after pooling
 NORM_EPSILON = 1e-8  # SPEC §1; added to each node's L2 norm, as in the reference L2()
@@ -59,14 +62,26 @@ def _batch_size(tensor):
     return tf.cast(tf.shape(tensor)[0], tf.float32)
 
 
-def scale_invariant_loss(depth_true, depth_pred, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH):
-    """Scale-invariant log loss (Eigen et al. 2014, fully scale-invariant form; SPEC §1).
+def check_variance_focus(variance_focus, flag="variance_focus"):
+    """``variance_focus`` as a float, or ValueError naming ``flag`` unless it lies in [0, 1]."""
+    value = float(variance_focus)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{flag}: the variance-focus weight λ must lie in [0, 1], found {variance_focus}")
+    return value
+
+
+def scale_invariant_loss(depth_true, depth_pred, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH,
+                         variance_focus=1.0):
+    """Scale-invariant log loss with variance focus λ (Eigen et al. 2014; docs/design.md §1).
 
     Per image over its n valid pixels, with g = ln(pred) - ln(true):
-    ``L_img = (1/n) Σ g² - (1/n²) (Σ g)²``; returns the mean of ``L_img`` over the B images of
-    the batch, an image without valid pixels counting as 0 in that mean.
-    depth_true, depth_pred: (B, H, W, 1) metres. Returns a float32 scalar (the si-RMSE squared).
+    ``L_img = (1/n) Σ g² - λ (1/n²) (Σ g)²``; returns the mean of ``L_img`` over the B images of
+    the batch, an image without valid pixels counting as 0 in that mean. λ = 1 (default) is the
+    fully scale-invariant form (the si-RMSE squared); λ < 1 also penalises a global scale error
+    (BTS uses 0.85), so a network trained with it predicts metres.
+    depth_true, depth_pred: (B, H, W, 1) metres. Returns a float32 scalar.
     """
+    variance_focus = check_variance_focus(variance_focus)
     log_ratio, mask = _masked_log_ratio(depth_true, depth_pred, min_depth, max_depth)
     count = tf.reduce_sum(mask, axis=[1, 2, 3])
     mean = tf.math.divide_no_nan(tf.reduce_sum(log_ratio, axis=[1, 2, 3]), count)
@@ -74,7 +89,24 @@ def scale_invariant_loss(depth_true, depth_pred, min_depth=MIN_DEPTH, max_depth=
     # not lose precision when g has a large common offset (a prediction off by a scale factor).
     centred = (log_ratio - mean[:, None, None, None]) * mask
     per_image = tf.math.divide_no_nan(tf.reduce_sum(tf.square(centred), axis=[1, 2, 3]), count)
+    if variance_focus != 1.0:
+        # (1/n) Σ g² - λ mean² = (1/n) Σ (g - mean)² + (1 - λ) mean²
+        per_image += (1.0 - variance_focus) * tf.square(mean)
     return tf.math.divide_no_nan(tf.reduce_sum(per_image), _batch_size(log_ratio))
+
+
+def response_distillation_loss(teacher_depth, student_depth, variance_focus=1.0):
+    """Response distillation (ours; docs/design.md §1): the SI loss of the student's depth against
+    the teacher's, over every pixel (labelled or not), the teacher side without gradient.
+
+    teacher_depth, student_depth: (B, H, W, 1) metres > 0 (both networks end in softplus + MIN_DEPTH,
+    so every teacher pixel is a target; there is no depth cap). Returns a float32 scalar; at λ = 1 it is
+    0 exactly when the student's depth is the teacher's times a per-image constant.
+    """
+    teacher_depth = tf.stop_gradient(tf.cast(teacher_depth, tf.float32))
+    # Half of MIN_DEPTH: the teacher's floor (softplus + MIN_DEPTH) must still count as valid.
+    return scale_invariant_loss(teacher_depth, student_depth, min_depth=0.5 * MIN_DEPTH,
+                                max_depth=None, variance_focus=variance_focus)
 
 
 def gradient_matching_loss(

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mdekd import distill, models
+from mdekd import distill, losses, models
 from mdekd.schedules import make_schedule
 
 MODES = ("teacher", "student", "distill")
@@ -54,12 +54,19 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     warmup_steps: int = 0
-    # losses (SPEC §1 defaults)
-    lambda_si: float = 1.0
-    lambda_gml: float = 0.5
-    lambda_d: float = 1.0
+    # losses (docs/design.md §1 defaults)
+    lambda_si: float = losses.DEFAULT_LAMBDA_SI
+    lambda_gml: float = losses.DEFAULT_LAMBDA_GML
+    lambda_d: float = losses.DEFAULT_LAMBDA_D
+    lambda_response: float = 0.0
+    variance_focus: float = losses.METRIC_VARIANCE_FOCUS
     distill_strides: tuple = distill.DISTILL_STRIDES
-    pool_scale: float | None = 0.5
+    pool_scale: float | None | dict = losses.DEFAULT_POOL_SCALE
+    feature_activation: str = ""  # "" = the maps as output (paper), "relu"
+    # unlabelled photos (distill mode): a fraction of every batch, distillation terms only
+    unlabeled_dir: str = ""
+    unlabeled_ratio: float = 0.0
+    teacher_cache: bool = False  # precompute the teacher's targets once (needs augment=False)
     # networks
     teacher: str = ""
     teacher_encoder: str = "resnest101"
@@ -95,13 +102,15 @@ def run_training(config, flags_text=None, progress=True):
     worker_dir = _worker_output_dir(output_dir, strategy)
     _write_run_files(worker_dir, config, data_dir, flags_text)
 
-    train_ds, steps_per_epoch = _training_dataset(config, data_dir, worker_dir)
+    steps_per_epoch = _steps_per_epoch(config, data_dir)
     val_ds = _validation_dataset(config, data_dir)
     total_steps = steps_per_epoch * config.epochs
 
     with strategy.scope():
         network, rebuild = build_network(config)
         trainer = build_trainer(config, network)
+    train_ds = _training_dataset(config, data_dir, worker_dir, trainer)
+    with strategy.scope():
         schedule = make_schedule(config.schedule, config.learning_rate, total_steps,
                                  config.warmup_steps)
         trainer.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
@@ -151,6 +160,16 @@ def validate_config(config):
         if unknown or not config.distill_strides:
             raise ValueError(f"--distill_strides: {list(config.distill_strides)} must be a non-empty "
                              f"subset of {list(distill.DISTILL_STRIDES)}")
+        if config.feature_activation not in ("", "relu"):
+            raise ValueError(f"--feature_activation: expected '' or 'relu', got "
+                             f"'{config.feature_activation}'")
+        if config.teacher_cache and config.augment:
+            raise ValueError("--teacher_cache needs --noaugment: targets computed once cannot follow "
+                             "augmented images (without the cache the teacher sees each augmented batch)")
+    elif config.unlabeled_dir or config.lambda_response:
+        raise ValueError("--unlabeled_dir and --lambda_response need --mode=distill (a teacher)")
+    losses.check_variance_focus(config.variance_focus, "--variance_focus")
+    unlabeled_per_batch(config)
     if config.height % 32 or config.width % 32:
         raise ValueError(f"--height/--width: {config.height}x{config.width} must both be divisible by 32")
     if config.batch_size < 1 or config.epochs < 1:
@@ -158,6 +177,43 @@ def validate_config(config):
     if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
         raise ValueError("--mixed_precision needs a GPU: on CPU mixed_float16 is 4-5x slower and "
                          "cannot be exported to TFLite (TOOLCHAIN §12); train in float32 on CPU")
+
+
+def parse_pool_scale(text):
+    """``--pool_scale``: a number, 'none', or 'stride16:none,stride8:0.25,...' (one per stride)."""
+    def value(item):
+        item = item.strip().lower()
+        try:
+            return None if item in ("none", "") else float(item)
+        except ValueError:
+            raise ValueError(f"--pool_scale: expected a number or 'none', got '{text}'") from None
+
+    if ":" not in text:
+        return value(text)
+    grid = {}
+    for item in text.split(","):
+        name, _, scale = item.partition(":")
+        if name.strip() not in distill.DISTILL_STRIDES:
+            raise ValueError(f"--pool_scale: unknown stride '{name}' in '{text}'; expected "
+                             f"{list(distill.DISTILL_STRIDES)}")
+        grid[name.strip()] = value(scale)
+    return grid
+
+
+def unlabeled_per_batch(config):
+    """Unlabelled frames per batch, ``--unlabeled_ratio × --batch_size``, which must be whole."""
+    ratio = config.unlabeled_ratio
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--unlabeled_ratio: expected a fraction in [0, 1), got {ratio}")
+    if ratio and not config.unlabeled_dir:
+        raise ValueError(f"--unlabeled_ratio={ratio} needs --unlabeled_dir (a folder of photos)")
+    if config.unlabeled_dir and not ratio:
+        raise ValueError("--unlabeled_dir needs --unlabeled_ratio > 0 (the share of each batch)")
+    count = ratio * config.batch_size
+    if abs(count - round(count)) > 1e-9:
+        raise ValueError(f"--unlabeled_ratio={ratio} × --batch_size={config.batch_size} = {count:g} "
+                         "unlabelled frames per batch; choose values whose product is a whole number")
+    return int(round(count))
 
 
 def prepare_output_dir(path):
@@ -210,19 +266,73 @@ def _dataset(config, data_dir, split, **kwargs):
                          **kwargs)
 
 
-def _training_dataset(config, data_dir, output_dir):
+def _steps_per_epoch(config, data_dir):
     from mdekd.data import num_examples
 
     num_train = num_examples(data_dir, "train", config.dataset)
-    if num_train < config.batch_size:
-        raise ValueError(f"--batch_size={config.batch_size} exceeds the {num_train} training pairs "
-                         f"in {data_dir}")
-    steps_per_epoch = config.steps_per_epoch or num_train // config.batch_size
+    labelled = config.batch_size - unlabeled_per_batch(config)
+    if num_train < labelled:
+        raise ValueError(f"--batch_size={config.batch_size} needs {labelled} labelled pairs per batch, "
+                         f"more than the {num_train} training pairs in {data_dir}")
+    return config.steps_per_epoch or num_train // labelled
+
+
+def _training_dataset(config, data_dir, output_dir, trainer):
+    """Endless training batches: labelled pairs, plus ``--unlabeled_ratio`` photos of each batch
+    (depth 0) from ``--unlabeled_dir``; with ``--teacher_cache`` each frame also carries the
+    teacher's targets, computed once (``Distiller`` batches of the form ``({"image", ...}, depth)``)."""
+    from mdekd.data import build_unlabeled_dataset, mix_batches
+
+    unlabelled = unlabeled_per_batch(config)
     # A resumed run reshuffles with a new seed instead of replaying the first epoch's batches.
     seed = config.seed + _resumed_epoch(output_dir)
-    ds = _dataset(dataclasses.replace(config, seed=seed), data_dir, "train",
-                  augment=config.augment, shuffle=True, repeat=True)
-    return _with_data_sharding(ds), steps_per_epoch
+    cache = config.teacher_cache and isinstance(trainer, distill.Distiller)
+    streams = [_dataset(dataclasses.replace(config, seed=seed, batch_size=config.batch_size - unlabelled),
+                        data_dir, "train", augment=config.augment, shuffle=True, repeat=True,
+                        return_index=cache)]
+    if cache:
+        table = _cached_targets(trainer, config, data_dir, lambda: _dataset(
+            config, data_dir, "train", augment=False, shuffle=False, repeat=False))
+        streams[0] = _with_targets(streams[0], table)
+    if unlabelled:
+        def photos(**kwargs):
+            return build_unlabeled_dataset(config.unlabeled_dir, image_size=config.input_shape[:2],
+                                           **kwargs)
+
+        stream = photos(batch_size=unlabelled, augment=config.augment, seed=seed, return_index=cache)
+        if cache:
+            stream = _with_targets(stream, _cached_targets(trainer, config, config.unlabeled_dir, lambda: photos(
+                batch_size=config.batch_size, shuffle=False, repeat=False)))
+        streams.append(stream)
+    ds = streams[0] if len(streams) == 1 else mix_batches(*streams)
+    return _with_data_sharding(ds)
+
+
+_TARGET_TABLES = {}  # (teacher, frames, settings) -> targets: runs in one process share them
+
+
+def _cached_targets(distiller, config, source, make_dataset):
+    """The teacher's targets for every frame of the unshuffled ``make_dataset()`` (row i = frame
+    i), as non-trainable variables keyed like ``Distiller.teacher_targets``. Computed once per
+    process for a given teacher file, frame source and target settings."""
+    key = (os.path.realpath(config.teacher), os.path.realpath(source), config.input_shape,
+           distiller.target_names, repr(distiller.pool_sizes), distiller.feature_activation)
+    if key not in _TARGET_TABLES:
+        step = tf.function(distiller.teacher_targets)
+        chunks = {}
+        for images, _ in make_dataset():
+            for name, value in step(images).items():
+                chunks.setdefault(name, []).append(value.numpy())
+        _TARGET_TABLES[key] = {name: np.concatenate(parts) for name, parts in chunks.items()}
+    return {name: tf.Variable(values, trainable=False, name=f"cached_{name}")
+            for name, values in _TARGET_TABLES[key].items()}
+
+
+def _with_targets(ds, table):
+    def attach(images, depths, index):
+        return {"image": images, **{name: tf.gather(values, index) for name, values in table.items()}}, depths
+
+    return ds.map(attach, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _validation_dataset(config, data_dir):
@@ -282,12 +392,15 @@ def synchronize_batch_norm(model):
 
 def build_trainer(config, network):
     """``DepthTrainer`` (teacher/student modes) or ``Distiller`` (distill mode) around ``network``."""
+    supervised = dict(lambda_si=config.lambda_si, lambda_gml=config.lambda_gml,
+                      variance_focus=config.variance_focus)
     if config.mode != "distill":
-        return distill.DepthTrainer(network, lambda_si=config.lambda_si, lambda_gml=config.lambda_gml)
+        return distill.DepthTrainer(network, **supervised)
     teacher = load_teacher(config)
-    return distill.Distiller(teacher=teacher, student=network, lambda_si=config.lambda_si,
-                             lambda_gml=config.lambda_gml, lambda_d=config.lambda_d,
-                             strides=config.distill_strides, pool_scale=config.pool_scale)
+    return distill.Distiller(teacher=teacher, student=network, lambda_d=config.lambda_d,
+                             strides=config.distill_strides, pool_scale=config.pool_scale,
+                             feature_activation=config.feature_activation or None,
+                             lambda_response=config.lambda_response, **supervised)
 
 
 def load_teacher(config):

@@ -134,3 +134,110 @@ def test_precomputed_teacher_targets_give_the_same_loss(batch):
     logs = cached.evaluate({"image": images, **targets}, depths, return_dict=True, verbose=0)
     np.testing.assert_allclose(logs["distill_loss"], live["distill_loss"], rtol=1e-5)
     assert logs["distill_loss"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Response distillation, unlabelled frames, node grids per stride, feature activation
+
+
+def test_all_unlabelled_batch_gives_zero_supervised_gradient(batch):
+    teacher, student = tiny_teacher(), tiny_student()
+    distiller = Distiller(teacher=teacher, student=student, lambda_response=1.0)
+    images, _ = batch
+    unlabelled = tf.zeros((len(images), *SIZE, 1))
+    with tf.GradientTape(persistent=True) as tape:
+        _, targets = distiller.prepare_step(images)
+        terms = distiller._terms(unlabelled, student(images, training=True), targets)
+        supervised = distiller.lambda_si * terms["si_loss"] + distiller.lambda_gml * terms["gml_loss"]
+    gradients = tape.gradient(supervised, student.trainable_variables)
+    assert float(supervised) == 0.0
+    assert all(g is None or not np.any(g.numpy()) for g in gradients)
+    distilled = tape.gradient(terms["loss"], student.trainable_variables)
+    assert sum(float(tf.reduce_sum(tf.abs(g))) for g in distilled if g is not None) > 0
+    assert float(terms["response_loss"]) > 0 and float(terms["distill_loss"]) > 0
+
+
+def test_unlabelled_frames_do_not_dilute_the_supervised_term(batch):
+    student = tiny_student()
+    trainer = DepthTrainer(student)
+    images, depths = batch
+    outputs = student(images, training=False)
+    labelled = trainer.loss_terms(tf.constant(depths[:2]), {k: v[:2] for k, v in outputs.items()})
+    mixed_depths = np.concatenate([depths[:2], np.zeros_like(depths[2:])])
+    mixed = trainer.loss_terms(tf.constant(mixed_depths), outputs)
+    np.testing.assert_allclose(float(mixed["si_loss"]), float(labelled["si_loss"]), rtol=1e-6)
+
+
+def test_response_term_is_the_si_loss_against_the_teacher_depth(batch):
+    teacher, student = tiny_teacher(), tiny_student()
+    distiller = Distiller(teacher=teacher, student=student, lambda_d=0.0, lambda_response=0.5,
+                          variance_focus=0.85)
+    images, depths = batch
+    s_out = student(images, training=False)
+    terms = distiller._terms(tf.constant(depths), s_out, distiller.prepare_step(images)[1])
+    expected = losses.response_distillation_loss(teacher(images)["depth"], s_out["depth"], 0.85)
+    np.testing.assert_allclose(float(terms["response_loss"]), float(expected), rtol=1e-6)
+    assert float(terms["distill_loss"]) == 0.0 and distiller.strides == ()
+    np.testing.assert_allclose(
+        float(terms["loss"]), float(terms["si_loss"] + 0.5 * terms["gml_loss"] + 0.5 * expected), rtol=1e-5)
+
+
+def test_precomputed_targets_carry_the_teacher_depth_for_the_response_term(batch):
+    teacher, student = tiny_teacher(), tiny_student()
+    distiller = Distiller(teacher=teacher, student=student, lambda_response=1.0, pool_scale=0.25)
+    images, depths = batch
+    targets = compute_teacher_targets(distiller, images)
+    assert targets["teacher_depth"].shape == (4, *SIZE, 1)
+    cached = Distiller(teacher=None, student=student, lambda_response=1.0, pool_scale=0.25)
+    cached.compile(optimizer=keras.optimizers.Adam(1e-3))
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-3))
+    live = distiller.evaluate(images, depths, return_dict=True, verbose=0)
+    logs = cached.evaluate({"image": images, **targets}, depths, return_dict=True, verbose=0)
+    np.testing.assert_allclose(logs["response_loss"], live["response_loss"], rtol=1e-5)
+
+
+def test_node_grid_can_differ_per_stride():
+    grid = {"stride16": None, "stride8": 0.5, "stride4": 0.25, "stride2": 0.125}
+    distiller = Distiller(teacher=tiny_teacher(), student=tiny_student(), pool_scale=grid)
+    # 64x64 input: maps 4x4, 8x8, 16x16, 32x32 -> kernels none, 4x4, 4x4, 4x4
+    assert distiller.pool_sizes == {"stride16": None, "stride8": (4, 4), "stride4": (4, 4),
+                                    "stride2": (4, 4)}
+
+
+def test_node_grid_mapping_must_cover_every_distilled_stride():
+    with pytest.raises(ValueError, match="stride2"):
+        Distiller(teacher=tiny_teacher(), student=tiny_student(), pool_scale={"stride16": 0.5},
+                  strides=("stride16", "stride2"))
+
+
+def test_relu_feature_activation_compares_post_activation_maps(batch):
+    teacher, student = tiny_teacher(), tiny_student()
+    images, depths = batch
+    plain = Distiller(teacher=teacher, student=student, strides=("stride16",), pool_scale=None)
+    relu = Distiller(teacher=teacher, student=student, strides=("stride16",), pool_scale=None,
+                     feature_activation="relu")
+    t_out, s_out = teacher(images), student(images)
+    assert float(tf.reduce_min(t_out["stride16"])) < 0  # the teacher's stride16 is pre-activation
+    expected = losses.pairwise_distillation_loss(tf.nn.relu(s_out["stride16"]),
+                                                 tf.nn.relu(t_out["stride16"]), pool_scale=None)
+    got = relu._terms(tf.constant(depths), s_out, relu.prepare_step(images)[1])["distill_loss"]
+    paper = plain._terms(tf.constant(depths), s_out, plain.prepare_step(images)[1])["distill_loss"]
+    np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+    assert abs(float(got) - float(paper)) > 1e-6
+
+
+def test_distiller_with_nothing_to_distil_is_refused():
+    with pytest.raises(ValueError, match="nothing to distil"):
+        Distiller(teacher=tiny_teacher(), student=tiny_student(), lambda_d=0.0)
+
+
+def test_paper_defaults_are_the_spec_pairwise_loss(batch):
+    teacher, student = tiny_teacher(), tiny_student()
+    distiller = Distiller(teacher=teacher, student=student)
+    images, depths = batch
+    t_out, s_out = teacher(images), student(images)
+    expected = sum(losses.pairwise_distillation_loss(s_out[k], t_out[k], pool_scale=0.5)
+                   for k in ("stride16", "stride8", "stride4", "stride2"))
+    got = distiller._terms(tf.constant(depths), s_out, distiller.prepare_step(images)[1])
+    np.testing.assert_allclose(float(got["distill_loss"]), float(expected), rtol=1e-5)
+    assert float(got["response_loss"]) == 0.0

@@ -478,3 +478,76 @@ def test_node_affinity_loss_gives_teacher_nodes_no_gradient():
     grad_student, grad_teacher = tape.gradient(loss, [student_nodes, teacher_nodes])
     assert grad_teacher is None or not np.any(grad_teacher.numpy())
     assert np.abs(grad_student.numpy()).max() > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Variance focus (λ) and response distillation
+
+
+def reference_si_focus(depth_true, depth_pred, variance_focus):
+    total = 0.0
+    for t, p in zip(depth_true[..., 0].astype(np.float64), depth_pred[..., 0].astype(np.float64)):
+        valid = reference_valid(t)
+        g = np.log(np.maximum(p[valid], MIN_DEPTH)) - np.log(t[valid])
+        total += (g**2).mean() - variance_focus * g.mean() ** 2
+    return total / len(depth_true)
+
+
+def test_variance_focus_one_reproduces_the_scale_invariant_value():
+    rng = np.random.default_rng(11)
+    truth = rng.uniform(0.5, 30.0, (3, 6, 5, 1)).astype(np.float32)
+    pred = rng.uniform(0.5, 30.0, (3, 6, 5, 1)).astype(np.float32)
+    np.testing.assert_allclose(scalar(losses.scale_invariant_loss(truth, pred, variance_focus=1.0)),
+                               reference_si(truth, pred), rtol=1e-5)
+
+
+@pytest.mark.parametrize("variance_focus", [0.0, 0.5, 0.85])
+def test_variance_focus_below_one_matches_numpy_reference(variance_focus):
+    rng = np.random.default_rng(12)
+    truth = rng.uniform(0.5, 30.0, (2, 5, 7, 1)).astype(np.float32)
+    pred = rng.uniform(0.5, 30.0, (2, 5, 7, 1)).astype(np.float32)
+    np.testing.assert_allclose(
+        scalar(losses.scale_invariant_loss(truth, pred, variance_focus=variance_focus)),
+        reference_si_focus(truth, pred, variance_focus), rtol=1e-5)
+
+
+def test_variance_focus_below_one_penalises_a_scaled_prediction():
+    truth = np.random.default_rng(13).uniform(0.5, 30.0, (2, 6, 5, 1)).astype(np.float32)
+    exact = scalar(losses.scale_invariant_loss(truth, truth, variance_focus=0.85))
+    scaled = scalar(losses.scale_invariant_loss(truth, 2.0 * truth, variance_focus=0.85))
+    assert abs(exact) < 1e-10
+    np.testing.assert_allclose(scaled, 0.15 * math.log(2.0) ** 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variance_focus", [-0.1, 1.5])
+def test_variance_focus_outside_unit_interval_is_refused(variance_focus):
+    truth = np.ones((1, 2, 2, 1), np.float32)
+    with pytest.raises(ValueError, match=r"variance_focus.*\[0, 1\]"):
+        losses.scale_invariant_loss(truth, truth, variance_focus=variance_focus)
+
+
+def test_response_loss_is_zero_for_a_scaled_copy_of_the_teacher():
+    teacher = np.random.default_rng(14).uniform(0.01, 60.0, (2, 6, 5, 1)).astype(np.float32)
+    scale = np.array([0.4, 3.0], np.float32).reshape(2, 1, 1, 1)  # per image
+    assert abs(scalar(losses.response_distillation_loss(teacher, scale * teacher))) < 1e-10
+
+
+def test_response_loss_is_positive_for_another_depth_map():
+    rng = np.random.default_rng(15)
+    teacher = rng.uniform(0.5, 30.0, (2, 6, 5, 1)).astype(np.float32)
+    student = rng.uniform(0.5, 30.0, (2, 6, 5, 1)).astype(np.float32)
+    value = scalar(losses.response_distillation_loss(teacher, student))
+    # every pixel counts, also beyond the 40 m truth cap: the plain SI loss of the pair, uncapped
+    np.testing.assert_allclose(value, reference_si(teacher, student), rtol=1e-5)
+    assert value > 0.1
+
+
+def test_response_loss_uses_pixels_beyond_the_truth_cap_and_gives_the_teacher_no_gradient():
+    teacher = tf.constant(np.full((1, 2, 2, 1), 80.0, np.float32) * [[[[1.0]], [[2.0]]]])
+    student = tf.Variable(np.full((1, 2, 2, 1), 5.0, np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(teacher)
+        value = losses.response_distillation_loss(teacher, student)
+    assert scalar(value) > 0.01  # the teacher's 80/160 m pixels are targets
+    assert tape.gradient(value, teacher) is None
+    assert np.abs(tape.gradient(value, student).numpy()).sum() > 0

@@ -14,6 +14,8 @@ regardless of parallelism or of TensorFlow's global seed.
 
 from __future__ import annotations
 
+import pathlib
+
 import tensorflow as tf
 
 from mdekd.constants import MAX_DEPTH, MIN_DEPTH
@@ -59,7 +61,7 @@ def build_dataset(root, split: str = "train", dataset: str = "mai2021", *, batch
                   image_size=None, augment: bool = False, shuffle: bool | None = None, seed: int = 0,
                   repeat: bool = False, depth_scale: float | None = None, drop_remainder: bool | None = None,
                   max_depth: float | None = MAX_DEPTH, validate: str = "headers", allow_unpaired: bool = False,
-                  **layout_options) -> tf.data.Dataset:
+                  return_index: bool = False, **layout_options) -> tf.data.Dataset:
     """Batches ``(image (B, H, W, 3) float32 [0, 1], depth (B, H, W, 1) float32 metres, 0 = invalid)``.
 
     image_size: (H, W) to resize to (image bilinear with antialiasing, depth nearest); None keeps
@@ -70,6 +72,8 @@ def build_dataset(root, split: str = "train", dataset: str = "mai2021", *, batch
     depth_scale: metres per stored depth unit; None = the layout's (required for "folder").
     validate: "headers" (default; format, mode and size of every file from its header, ~60 µs
         a pair), "full" (also checksums whole PNGs, catches truncated files) or "none".
+    return_index: also yield each example's pair index (B,) int32 (position in ``list_pairs``),
+        e.g. to look up precomputed teacher targets.
     layout_options: overrides of the layout fields (``rgb_dir``, ``depth_prefix``, ...).
     """
     layout = resolve_layout(dataset, **layout_options)
@@ -92,16 +96,75 @@ def build_dataset(root, split: str = "train", dataset: str = "mai2021", *, batch
                              f"{sizes[:4]}...; pass image_size=(H, W) to resize them to one size")
     if image_size is not None:
         image_size = (int(image_size[0]), int(image_size[1]))
-    output_size = image_size or stored_size  # static (H, W) when known
 
     shuffle = split == "train" if shuffle is None else shuffle
     drop_remainder = shuffle if drop_remainder is None else drop_remainder
-    count = len(pairs)
+    return _image_pipeline([rgb for rgb, _ in pairs], [depth for _, depth in pairs], depth_scale,
+                           source=f"{root}/{split}", batch_size=batch_size, image_size=image_size,
+                           stored_size=stored_size, augment=augment, shuffle=shuffle, seed=seed,
+                           repeat=repeat, drop_remainder=drop_remainder, max_depth=max_depth,
+                           return_index=return_index)
+
+
+def build_unlabeled_dataset(root, *, batch_size: int, image_size, augment: bool = False,
+                            shuffle: bool = True, seed: int = 0, repeat: bool = True,
+                            return_index: bool = False) -> tf.data.Dataset:
+    """Batches of photos without depth: ``(image (B, H, W, 3) [0, 1], depth (B, H, W, 1) all 0)``.
+
+    root: any folder of RGB images (PNG/JPEG, searched recursively, any size; ``list_images``),
+    each resized to ``image_size`` (H, W). Depth 0 everywhere means "unlabelled": the supervised
+    losses skip such frames and the distillation terms teach them (``--unlabeled_dir``). Order and
+    augmentation follow ``seed`` as in ``build_dataset``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = list_images(root)
+    if shuffle and len(images) < batch_size:
+        raise ValueError(f"--unlabeled_dir {root} holds {len(images)} image(s), fewer than the "
+                         f"{batch_size} unlabelled frames each batch needs")
+    return _image_pipeline(images, None, 1.0, source=str(root), batch_size=batch_size,
+                           image_size=(int(image_size[0]), int(image_size[1])), stored_size=None,
+                           augment=augment, shuffle=shuffle, seed=seed, repeat=repeat,
+                           drop_remainder=shuffle, max_depth=None, return_index=return_index)
+
+
+def list_images(root) -> list[str]:
+    """Sorted paths of the RGB images (``.png``, ``.jpg``, ``.jpeg``) under ``root``, recursively.
+
+    Raises FileNotFoundError for a missing folder and ValueError for one holding no image.
+    """
+    folder = pathlib.Path(root)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--unlabeled_dir: folder not found: {folder}")
+    suffixes = resolve_layout("folder").rgb_extensions
+    images = sorted(str(path) for path in folder.rglob("*")
+                    if path.is_file() and path.suffix.lower() in suffixes)
+    if not images:
+        raise ValueError(f"--unlabeled_dir: {folder} holds no image (expected "
+                         f"{'/'.join(suffixes)} files, searched recursively)")
+    return images
+
+
+def mix_batches(labelled: tf.data.Dataset, unlabelled: tf.data.Dataset) -> tf.data.Dataset:
+    """Each batch = a labelled batch followed by an unlabelled one, concatenated along B (so a
+    batch holds exactly the two batch sizes' ratio). Elements are tuples of equal structure."""
+    def concatenate(first, second):
+        return tf.nest.map_structure(lambda a, b: tf.concat([a, b], axis=0), first, second)
+
+    return tf.data.Dataset.zip(labelled, unlabelled).map(concatenate).prefetch(tf.data.AUTOTUNE)
+
+
+def _image_pipeline(rgb_files, depth_files, depth_scale, *, source, batch_size, image_size,
+                    stored_size, augment, shuffle, seed, repeat, drop_remainder, max_depth,
+                    return_index):
+    """The shared tf.data pipeline; ``depth_files=None`` gives all-zero (unlabelled) depth."""
+    output_size = image_size or stored_size  # static (H, W) when known
+    count = len(rgb_files)
     if drop_remainder and count < batch_size:
-        raise ValueError(f"{root}/{split} has {count} pair(s), fewer than batch_size={batch_size}, and "
+        raise ValueError(f"{source} has {count} pair(s), fewer than batch_size={batch_size}, and "
                          f"drop_remainder is on (the default when shuffling): no batch would be produced")
-    rgb_paths = tf.constant([rgb for rgb, _ in pairs])
-    depth_paths = tf.constant([depth for _, depth in pairs])
+    rgb_paths = tf.constant(rgb_files)
+    depth_paths = None if depth_files is None else tf.constant(depth_files)
     shuffle_seed = tf.constant([seed, _SHUFFLE_TAG], tf.int64)
     augment_seed = tf.constant([seed, _AUGMENT_TAG], tf.int64)
 
@@ -116,14 +179,19 @@ def build_dataset(root, split: str = "train", dataset: str = "mai2021", *, batch
         return tf.data.Dataset.from_tensor_slices((order, running))
 
     def load(index, running):
-        rgb_path, depth_path = rgb_paths[index], depth_paths[index]
+        rgb_path = rgb_paths[index]
         image = decode_rgb(tf.io.read_file(rgb_path))
-        depth = decode_depth(tf.io.read_file(depth_path), depth_scale)
-        same_size = tf.debugging.Assert(  # a backstop for validate="none"; names both files
-            tf.reduce_all(tf.shape(image)[:2] == tf.shape(depth)[:2]),
-            ["RGB and depth sizes (H, W) differ:", rgb_path, tf.shape(image)[:2], depth_path, tf.shape(depth)[:2]])
-        with tf.control_dependencies([same_size]):
-            image = tf.identity(image)
+        if depth_paths is None:
+            depth = tf.zeros_like(image[..., :1])
+        else:
+            depth_path = depth_paths[index]
+            depth = decode_depth(tf.io.read_file(depth_path), depth_scale)
+            same_size = tf.debugging.Assert(  # a backstop for validate="none"; names both files
+                tf.reduce_all(tf.shape(image)[:2] == tf.shape(depth)[:2]),
+                ["RGB and depth sizes (H, W) differ:", rgb_path, tf.shape(image)[:2], depth_path,
+                 tf.shape(depth)[:2]])
+            with tf.control_dependencies([same_size]):
+                image = tf.identity(image)
         if image_size is not None and image_size != stored_size:
             image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
             depth = tf.image.resize(depth, image_size, method="nearest")
@@ -133,7 +201,8 @@ def build_dataset(root, split: str = "train", dataset: str = "mai2021", *, batch
         image = tf.clip_by_value(image, 0.0, 1.0)  # antialiased resampling may overshoot slightly
         depth = mask_invalid(depth, max_depth)
         height, width = output_size or (None, None)
-        return tf.ensure_shape(image, [height, width, 3]), tf.ensure_shape(depth, [height, width, 1])
+        example = (tf.ensure_shape(image, [height, width, 3]), tf.ensure_shape(depth, [height, width, 1]))
+        return (*example, tf.cast(index, tf.int32)) if return_index else example
 
     epochs = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
     data = epochs.flat_map(epoch_order)

@@ -34,16 +34,6 @@ def iter_layers(model):
             yield layer
 
 
-def set_batchnorm_momentum(model, momentum=BATCHNORM_MOMENTUM):
-    """Set ``momentum`` on every BatchNormalization of ``model`` (nested models included).
-
-    Stored in the layer config, so it survives ``.keras`` save and load.
-    """
-    for layer in iter_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = momentum
-
-
 def batchnorm_layer(name, epsilon=TORCH_BATCHNORM_EPSILON):
     """A BatchNormalization with the reference nets' momentum and epsilon."""
     return keras.layers.BatchNormalization(momentum=BATCHNORM_MOMENTUM, epsilon=epsilon, name=name)

@@ -18,12 +18,7 @@ import socket
 
 import keras
 
-from mdekd.models.common import (
-    BATCHNORM_MOMENTUM,
-    batchnorm_layer,
-    check_input_shape,
-    set_batchnorm_momentum,
-)
+from mdekd.models.common import BATCHNORM_MOMENTUM, batchnorm_layer, check_input_shape
 from mdekd.models.layers import PositiveDepth
 
 DECODER_WIDTHS = (512, 256, 128, 64, 32)  # SPEC §4, fast-depth decode_conv1..5 at α = 1
@@ -34,11 +29,25 @@ SKIP_TAPS = {2: "conv_pw_5_relu", 3: "conv_pw_3_relu", 4: "conv_pw_1_relu"}
 # decoder stage -> output key of its (post-skip) map
 STAGE_OUTPUTS = {1: "stride16", 2: "stride8", 3: "stride4", 4: "stride2"}
 UPSAMPLING_MODES = ("nearest", "bilinear")
+# MobileNet v1 depthwise-separable blocks (pointwise filters at α = 1, depthwise stride), as
+# keras.applications.mobilenet builds them (conv_dw_1 .. conv_dw_13)
+MOBILENET_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+                    *((512, 1),) * 5, (1024, 2), (1024, 1))
 
 # keras.applications.mobilenet: where Keras keeps its ImageNet weights and how it names them
 MOBILENET_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
 MOBILENET_ALPHA_TEXT = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}
 DOWNLOAD_TIMEOUT_S = 30  # a download without network must fail, not hang
+
+
+# Zero padding ((top, bottom), (left, right)) before each stride-2 convolution of the encoder;
+# unlisted ones pad 1 on every side (the reference's PyTorch padding=1). Keras' MobileNet pads
+# (0, 1) everywhere, which puts the student's maps 0.4-1.1 cells off the teacher's; this table,
+# measured with mdekd.models.alignment, brings every distilled stride within 0.4 cell of a ResNeSt
+# teacher (docs/design.md §4): the teacher's stride-2 map is its upsampled stride-4 stem (conv s2
+# + max pool s2, 1.5 px up-left of the pixel grid), so conv1 pads 2 px top/left; its residual
+# blocks' average-pool shortcuts do not shift, so conv_dw_4 pads bottom/right like Keras.
+STRIDE2_PADDING = {"conv1": ((2, 0), (2, 0)), "conv_dw_4": ((0, 1), (0, 1))}
 
 
 def build_student(input_shape=(480, 640, 3), encoder_weights=None, upsampling="bilinear", alpha=1.0, name="fastdepth"):
@@ -90,13 +99,38 @@ def _nnconv5_stage(x, width, prefix, upsampling):
 
 
 def _build_encoder(input_shape, alpha, weights):
-    """MobileNet v1 without top, BN momentum 0.9, as a model with the decoder's taps as outputs."""
-    mobilenet = keras.applications.MobileNet(input_shape=input_shape, alpha=alpha, include_top=False, weights=None)
-    set_batchnorm_momentum(mobilenet, BATCHNORM_MOMENTUM)  # Keras builds them with 0.99
+    """MobileNet v1 without top as a model with the decoder's taps as outputs.
+
+    Layer for layer ``keras.applications.MobileNet`` (same names and weights, so its ImageNet files
+    load), except that every stride-2 convolution pads one pixel on **all** sides, as the reference's
+    PyTorch MobileNet (padding=1) and the teacher's ResNeSt do; Keras pads the bottom/right only,
+    which shifts every cell by half an input pixel per stride-2 layer the other way and leaves the
+    student's maps about a cell off the teacher's (docs/design.md §4, tests/test_alignment.py).
+    BatchNormalization: momentum 0.9, Keras' epsilon 1e-3 that the ImageNet weights were trained with.
+    """
+    image = keras.Input(input_shape, name="mobilenet_input")
+    x = keras.layers.ZeroPadding2D(STRIDE2_PADDING["conv1"], name="conv1_pad")(image)
+    x = keras.layers.Conv2D(int(32 * alpha), 3, strides=2, use_bias=False, name="conv1")(x)
+    x = _mobilenet_bn_relu(x, "conv1")
+    for block, (filters, stride) in enumerate(MOBILENET_BLOCKS, start=1):
+        if stride == 2:
+            x = keras.layers.ZeroPadding2D(STRIDE2_PADDING.get(f"conv_dw_{block}", 1),
+                                           name=f"conv_pad_{block}")(x)
+        x = keras.layers.DepthwiseConv2D(3, strides=stride, padding="same" if stride == 1 else "valid",
+                                         use_bias=False, name=f"conv_dw_{block}")(x)
+        x = _mobilenet_bn_relu(x, f"conv_dw_{block}")
+        x = keras.layers.Conv2D(int(filters * alpha), 1, use_bias=False, name=f"conv_pw_{block}")(x)
+        x = _mobilenet_bn_relu(x, f"conv_pw_{block}")
+    mobilenet = keras.Model(image, x, name="mobilenet")
     if weights is not None:
         mobilenet.load_weights(_encoder_weights_path(weights, alpha))
     taps = (ENCODER_OUTPUT, *SKIP_TAPS.values())
     return keras.Model(mobilenet.input, {tap: mobilenet.get_layer(tap).output for tap in taps}, name="encoder")
+
+
+def _mobilenet_bn_relu(x, prefix):
+    x = keras.layers.BatchNormalization(momentum=BATCHNORM_MOMENTUM, name=f"{prefix}_bn")(x)
+    return keras.layers.ReLU(6.0, name=f"{prefix}_relu")(x)
 
 
 def _encoder_weights_path(weights, alpha):
