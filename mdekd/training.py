@@ -108,6 +108,7 @@ def run_training(config, flags_text=None, progress=True):
 
     with strategy.scope():
         network, rebuild = build_network(config)
+        models.set_depth_prior(network, training_median_depth(config, data_dir))
         trainer = build_trainer(config, network)
     train_ds = _training_dataset(config, data_dir, worker_dir, trainer)
     with strategy.scope():
@@ -309,6 +310,16 @@ def _training_dataset(config, data_dir, output_dir, trainer):
 
 
 _TARGET_TABLES = {}  # (teacher, frames, settings) -> targets: runs in one process share them
+
+
+def training_median_depth(config, data_dir, frames=64):
+    """Median valid depth (metres) of the first ``frames`` training pairs: the student's starting
+    scale (``models.set_depth_prior``)."""
+    ds = _dataset(dataclasses.replace(config, batch_size=1), data_dir, "train", augment=False,
+                  shuffle=False, repeat=False)
+    depths = np.concatenate([depth.numpy().ravel() for _, depth in ds.take(frames)])
+    valid = depths[depths > 0]
+    return float(np.median(valid)) if valid.size else 1.0
 
 
 def _cached_targets(distiller, config, source, make_dataset):

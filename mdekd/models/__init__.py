@@ -1,7 +1,7 @@
 """Depth models: the FastDepth student, the ResNeSt teacher, their registered layers and cost counts."""
 
 from mdekd.models import layers  # noqa: F401  (registers the custom layers before any load_model)
-from mdekd.models.common import inference_model
+from mdekd.models.common import inference_model, set_depth_prior
 from mdekd.models.macs import cost_breakdown, cost_table, count_macs, trainable_parameter_count
 from mdekd.models.resnest import RESNEST_VARIANTS, build_resnest
 from mdekd.models.student import build_student
@@ -18,5 +18,6 @@ __all__ = [
     "count_macs",
     "inference_model",
     "load_timm_resnest_weights",
+    "set_depth_prior",
     "trainable_parameter_count",
 ]
