@@ -12,7 +12,6 @@ input's H×W (the same rule as ``mdekd.evaluate``). Written per image
 
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -117,17 +116,10 @@ def save_png(path, array):
     """Write a uint8 RGB or uint16 single-channel array as PNG, atomically (temp file + rename)."""
     from PIL import Image
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(handle)
-    try:
+    from mdekd.atomic import atomic_path
+
+    with atomic_path(path) as temporary:
         Image.fromarray(array).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def find_depth_file(depth_dir, image_path):

@@ -170,7 +170,10 @@ def validate_config(config):
     elif config.unlabeled_dir or config.lambda_response:
         raise ValueError("--unlabeled_dir and --lambda_response need --mode=distill (a teacher)")
     losses.check_variance_focus(config.variance_focus, "--variance_focus")
-    unlabeled_per_batch(config)
+    if unlabeled_per_batch(config):
+        from mdekd.data import list_images
+
+        list_images(config.unlabeled_dir)  # missing, empty or image-less folders fail here
     if config.height % 32 or config.width % 32:
         raise ValueError(f"--height/--width: {config.height}x{config.width} must both be divisible by 32")
     if config.batch_size < 1 or config.epochs < 1:

@@ -241,3 +241,10 @@ def test_paper_defaults_are_the_spec_pairwise_loss(batch):
     got = distiller._terms(tf.constant(depths), s_out, distiller.prepare_step(images)[1])
     np.testing.assert_allclose(float(got["distill_loss"]), float(expected), rtol=1e-5)
     assert float(got["response_loss"]) == 0.0
+
+
+def test_teacher_without_the_asked_stride_outputs_is_refused():
+    image = keras.Input((*SIZE, 3))
+    depth_only = keras.Model(image, {"depth": keras.layers.Conv2D(1, 1, name="d")(image)}, name="mono")
+    with pytest.raises(ValueError, match=r"teacher 'mono' has no output\(s\) \['stride16', 'stride2'\]"):
+        Distiller(teacher=depth_only, student=tiny_student(), strides=("stride16", "stride2"))

@@ -269,3 +269,139 @@ def test_two_workers_on_loopback_end_with_identical_weights(data_dir, tmp_path):
     other = keras.models.load_model(out / "worker1" / "last.keras", compile=False).get_weights()
     for a, b in zip(chief, other):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlabelled photos, response distillation, cached targets
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(5)
+    for index, size in enumerate([(40, 52), (90, 70), (64, 64), (33, 47), (80, 100)]):
+        folder = root / ("deep" if index % 2 else "")
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"p{index}.jpg")
+    return root
+
+
+def distill_config(tmp_path, teacher_run, data_dir, photos, **changes):
+    base = dict(mode="distill", teacher=str(teacher_run / "best.keras"), dataset="synthetic",
+                data_dir=str(data_dir), batch_size=4, unlabeled_dir=str(photos),
+                unlabeled_ratio=0.5, augment=False)
+    return tiny_config(tmp_path, **{**base, **changes})
+
+
+def mixed_batches(config, count=4):
+    from mdekd import training
+
+    network, _ = training.build_network(config)
+    trainer = training.build_trainer(config, network)
+    ds = training._training_dataset(config, pathlib.Path(config.data_dir), tmp_dir(config), trainer)
+    return trainer, list(ds.take(count))
+
+
+def tmp_dir(config):
+    path = pathlib.Path(config.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_mixed_batches_hold_exactly_the_asked_share_of_unlabelled_frames(teacher_run, data_dir, photos, tmp_path):
+    _, batches = mixed_batches(distill_config(tmp_path, teacher_run, data_dir, photos, batch_size=4,
+                                              unlabeled_ratio=0.75))
+    for images, depths in batches:
+        assert images.shape == (4, 64, 64, 3)
+        labelled = np.any(depths.numpy() > 0, axis=(1, 2, 3))
+        assert labelled.tolist() == [True, False, False, False]
+
+
+def test_cached_targets_equal_the_live_teacher_on_labelled_and_unlabelled_frames(teacher_run, data_dir, photos, tmp_path):
+    config = distill_config(tmp_path, teacher_run, data_dir, photos, teacher_cache=True,
+                            lambda_response=1.0, pool_scale=None)
+    trainer, batches = mixed_batches(config, count=2)
+    for inputs, _ in batches:
+        assert set(inputs) == {"image", "stride16", "stride8", "stride4", "stride2", "teacher_depth"}
+        live = trainer.teacher_targets(inputs["image"])
+        for name, value in live.items():
+            np.testing.assert_allclose(inputs[name].numpy(), value.numpy(), atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(unlabeled_ratio=1.0), r"--unlabeled_ratio: expected a fraction in \[0, 1\)"),
+    (dict(unlabeled_ratio=-0.25), r"--unlabeled_ratio: expected a fraction in \[0, 1\)"),
+    (dict(unlabeled_ratio=0.3), r"--unlabeled_ratio=0.3 × --batch_size=4 = 1.2"),
+    (dict(unlabeled_dir=""), r"--unlabeled_ratio=0.5 needs --unlabeled_dir"),
+    (dict(variance_focus=1.2), r"--variance_focus: .*\[0, 1\]"),
+    (dict(variance_focus=-0.5), r"--variance_focus: .*\[0, 1\]"),
+    (dict(teacher_cache=True, augment=True), r"--teacher_cache needs --noaugment"),
+    (dict(mode="student", lambda_response=1.0, unlabeled_dir="", unlabeled_ratio=0.0),
+     r"need --mode=distill"),
+])
+def test_bad_distillation_settings_are_refused_naming_the_flag(teacher_run, data_dir, photos, tmp_path,
+                                                              changes, message):
+    from mdekd.training import validate_config
+
+    with pytest.raises(ValueError, match=message):
+        validate_config(distill_config(tmp_path, teacher_run, data_dir, photos, **changes))
+
+
+def test_unlabeled_dir_missing_or_without_images_is_refused(teacher_run, data_dir, photos, tmp_path):
+    from mdekd.training import validate_config
+
+    with pytest.raises(FileNotFoundError, match="--unlabeled_dir: folder not found"):
+        validate_config(distill_config(tmp_path, teacher_run, data_dir, photos,
+                                       unlabeled_dir=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    with pytest.raises(ValueError, match="--unlabeled_dir: .* holds no image"):
+        validate_config(distill_config(tmp_path, teacher_run, data_dir, photos,
+                                       unlabeled_dir=str(tmp_path / "empty")))
+
+
+def test_distillation_cli_with_unlabelled_photos_and_response_term(teacher_run, data_dir, photos, tmp_path):
+    out = tmp_path / "distill"
+    result = run_train("--flagfile=configs/quickstart_distill.cfg", *TINY, "--batch_size=4",
+                       f"--teacher={teacher_run / 'best.keras'}", f"--data_dir={data_dir}",
+                       f"--unlabeled_dir={photos}", "--unlabeled_ratio=0.5", "--lambda_response=1",
+                       "--pool_scale=stride16:none,stride8:0.5,stride4:0.25,stride2:0.25",
+                       "--feature_activation=relu", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, *rows = (out / "metrics.csv").read_text().strip().splitlines()
+    values = dict(zip(header.split(","), rows[-1].split(",")))
+    assert float(values["response_loss"]) > 0 and float(values["distill_loss"]) > 0
+    assert "--unlabeled_ratio=0.5" in (out / "flags.txt").read_text()
+
+
+def test_pool_scale_flag_parses_one_value_or_one_per_stride():
+    from mdekd.training import parse_pool_scale
+
+    assert parse_pool_scale("0.5") == 0.5 and parse_pool_scale("none") is None
+    assert parse_pool_scale("stride16:none,stride2:0.125") == {"stride16": None, "stride2": 0.125}
+    with pytest.raises(ValueError, match="unknown stride 'stride3'"):
+        parse_pool_scale("stride3:0.5")
+
+
+def test_student_depth_prior_sets_the_starting_scale_in_metres():
+    from mdekd import models
+
+    keras.utils.set_random_seed(0)
+    student = models.build_student((64, 64, 3), alpha=0.25)
+    assert models.set_depth_prior(student, 6.0)
+    images = np.random.default_rng(0).uniform(size=(4, 64, 64, 3)).astype(np.float32)
+    depth = student(images, training=True)["depth"].numpy()
+    np.testing.assert_allclose(np.median(depth), 6.0, rtol=0.2)
+    teacher = models.build_teacher((64, 64, 3), encoder="resnest14", decoder_channels=16)
+    assert not models.set_depth_prior(teacher, 6.0)  # a biased-conv head learns its own scale
+
+
+def test_training_starts_from_the_median_depth_of_the_training_frames(data_dir, tmp_path):
+    from mdekd.data import list_pairs, read_depth_png
+    from mdekd.training import training_median_depth
+
+    depths = np.concatenate([read_depth_png(d, 1e-3).ravel() for _, d in list_pairs(data_dir, "train")])
+    config = tiny_config(tmp_path, dataset="synthetic", data_dir=str(data_dir))
+    assert training_median_depth(config, data_dir) == pytest.approx(np.median(depths[depths > 0]), rel=0.05)

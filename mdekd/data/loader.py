@@ -128,19 +128,20 @@ def build_unlabeled_dataset(root, *, batch_size: int, image_size, augment: bool 
                            drop_remainder=shuffle, max_depth=None, return_index=return_index)
 
 
-def list_images(root) -> list[str]:
+def list_images(root, flag: str = "--unlabeled_dir") -> list[str]:
     """Sorted paths of the RGB images (``.png``, ``.jpg``, ``.jpeg``) under ``root``, recursively.
 
-    Raises FileNotFoundError for a missing folder and ValueError for one holding no image.
+    Raises FileNotFoundError for a missing folder and ValueError for one holding no image, both
+    naming ``flag``.
     """
     folder = pathlib.Path(root)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--unlabeled_dir: folder not found: {folder}")
+        raise FileNotFoundError(f"{flag}: folder not found: {folder}")
     suffixes = resolve_layout("folder").rgb_extensions
     images = sorted(str(path) for path in folder.rglob("*")
                     if path.is_file() and path.suffix.lower() in suffixes)
     if not images:
-        raise ValueError(f"--unlabeled_dir: {folder} holds no image (expected "
+        raise ValueError(f"{flag}: {folder} holds no image (expected "
                          f"{'/'.join(suffixes)} files, searched recursively)")
     return images
 

@@ -1,0 +1,97 @@
+"""Label photos with any trained depth model: a teacher's pseudo-labels in the MAI2021 layout.
+
+    python -m mdekd.pseudo_label --teacher runs/teacher/best.keras --input photos/ --output data/pseudo
+
+Every image under ``--input`` (PNG/JPEG, searched recursively, any size) is run through the
+teacher (``.keras``, or ``.tflite`` — so a model from another framework exported to TFLite can
+teach) at the teacher's input size, and its depth is resized back to the image's own H×W. Written:
+``OUT/train/rgb/<relative path>`` (the image file, copied byte for byte) and
+``OUT/train/depth/<relative path without suffix>.png`` (uint16 millimetres, clipped to 65.535 m),
+the layout ``train.py --dataset=mai2021 --data_dir=OUT`` reads. Each depth file is written
+atomically and after its RGB copy, so the command resumes: images whose depth exists are skipped.
+"""
+
+import os
+import pathlib
+import shutil
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def pseudo_label(teacher, input_dir, output_dir, split="train", num_threads=2, progress=True):
+    """Label every image of ``input_dir`` with ``teacher``; returns the number newly labelled."""
+    import keras
+
+    from mdekd.atomic import atomic_path
+    from mdekd.data import list_images, read_rgb
+    from mdekd.predict import depth_to_uint16_mm, predict_depth, save_png
+    from mdekd.tflite_runner import load_depth_runner
+
+    input_dir, output_dir = pathlib.Path(input_dir), pathlib.Path(output_dir)
+    check_output_dir(input_dir, output_dir)
+    images = list_images(input_dir, flag="--input")
+    runner = load_depth_runner(teacher, num_threads=num_threads)
+    rgb_root, depth_root = output_dir / split / "rgb", output_dir / split / "depth"
+    bar = keras.utils.Progbar(len(images), unit_name="image", verbose=1 if progress else 0)
+    labelled = 0
+    for count, source in enumerate(images, start=1):
+        relative = pathlib.Path(source).relative_to(input_dir)
+        depth_path = (depth_root / relative).with_suffix(".png")
+        if not depth_path.exists():
+            depth = predict_depth(runner, read_rgb(source))
+            rgb_path = rgb_root / relative
+            for folder in (rgb_path.parent, depth_path.parent):
+                folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(rgb_path) as temporary:
+                shutil.copyfile(source, temporary)
+            save_png(depth_path, depth_to_uint16_mm(depth))
+            labelled += 1
+        bar.update(count)
+    return labelled
+
+
+def check_output_dir(input_dir, output_dir):
+    """Refuse an output inside the input (its files would become inputs) or one that cannot be made."""
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"--input: folder not found: {input_dir}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output: '{output_dir}' exists and is not a folder")
+    inside = output_dir.resolve()
+    if inside == input_dir.resolve() or input_dir.resolve() in inside.parents:
+        raise ValueError(f"--output {output_dir} lies inside --input {input_dir}: its labels would be "
+                         "read as photos on the next run; choose a folder outside the input")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"--output: '{output_dir}' exists and is not a folder") from None
+    except OSError as error:
+        raise PermissionError(f"--output: cannot create '{output_dir}': {error.strerror}") from None
+    if not os.access(output_dir, os.W_OK):
+        raise PermissionError(f"--output: '{output_dir}' is not writable")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        count = pseudo_label(FLAGS.teacher, FLAGS.input, FLAGS.output, num_threads=FLAGS.num_threads)
+    except (ValueError, OSError) as error:
+        print(f"pseudo_label: error: {error}", file=sys.stderr)
+        return 1
+    print(f"labelled {count} new image(s) into {FLAGS.output}")
+    return 0
+
+
+def _define_flags():
+    flags.DEFINE_string("teacher", None, "Trained depth model: .keras or .tflite.", required=True)
+    flags.DEFINE_string("input", None, "Folder of photos (recursive, any size).", required=True)
+    flags.DEFINE_string("output", None, "Output root (MAI2021 layout, train split).", required=True)
+    flags.DEFINE_integer("num_threads", 2, "LiteRT threads for a .tflite teacher.")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
