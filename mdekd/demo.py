@@ -16,6 +16,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = "data/quickstart"
 TEACHER = "runs/quickstart_teacher"
 STUDENT = "runs/quickstart_distill"
+PANEL_SCENE = "000000"  # the validation scene drawn at the end
+PANEL = f"runs/quickstart_predict/{PANEL_SCENE}_panel.png"
 
 
 def steps():
@@ -36,12 +38,16 @@ def steps():
          [py, "export.py", f"--model={STUDENT}/best.keras", "--quantize=int8",
           f"--representative_data={DATA}", f"--output={STUDENT}/student_int8.tflite"],
          f"{STUDENT}/student_int8.tflite"),
-        ("evaluate the int8 model on the validation scenes",
+        ("evaluate the int8 model on the validation scenes (metres as predicted, and median-scaled)",
          [py, "-m", "mdekd.evaluate", f"--model={STUDENT}/student_int8.tflite",
           f"--data_dir={DATA}", "--median_scaling"], None),
         ("latency of the student at 128x160 (Keras and TFLite, 1 and 2 threads)",
          [py, "-m", "benchmark.latency", "--models=student", "--height=128", "--width=160",
           "--runs=30", "--output_dir=runs/quickstart_latency"], None),
+        ("draw RGB | truth | prediction | error of a validation scene (int8 model, metres)",
+         [py, "-m", "mdekd.predict", f"--model={STUDENT}/student_int8.tflite",
+          f"--input={DATA}/validation/rgb/{PANEL_SCENE}.png",
+          f"--depth_dir={DATA}/validation/depth", "--output=runs/quickstart_predict"], None),
     ]
 
 
@@ -58,7 +64,7 @@ def main():
             print(f"demo: step {index} failed (exit code {result.returncode})", file=sys.stderr)
             return result.returncode
     print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min; "
-          f"models in {TEACHER}/ and {STUDENT}/")
+          f"models in {TEACHER}/ and {STUDENT}/\npicture: {REPO_ROOT / PANEL}")
     return 0
 
 
