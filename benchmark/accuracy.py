@@ -8,7 +8,7 @@ Metrics: si-RMSE (scale-invariant), and RMSE/rel raw and after per-image median 
 networks are trained with scale-invariant losses only, so their absolute scale is arbitrary).
 Each TFLite variant is converted in memory from the .keras model with ``mdekd.export.convert``
 (int8 calibrated on ``--num_calibration`` training images), then every model goes through the
-same ``mdekd.evaluate.evaluate_model`` (SPEC §2 metrics, LiteRT with ``--num_threads``). The
+same ``mdekd.evaluate.evaluate_model`` (design.md §2 metrics, LiteRT with ``--num_threads``). The
 relative change of si-RMSE against Keras is checked against the issue's targets on a trained
 student: fp16 <= 0.1 %, int8 <= 2 %. An untrained (smoke) model says nothing about those.
 """

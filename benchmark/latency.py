@@ -42,7 +42,7 @@ FLAGS = flags.FLAGS
 MODEL_NAMES = ("student", "teacher")
 VARIANTS = ("keras", "fp32", "fp16", "dynamic", "int8")
 EXPORT_MODE = {"fp32": "none", "fp16": "fp16", "dynamic": "dynamic", "int8": "int8"}
-UPSAMPLING_VARIANTS = ("fp32", "int8")  # nearest vs bilinear student, TOOLCHAIN §5
+UPSAMPLING_VARIANTS = ("fp32", "int8")  # nearest vs bilinear student, toolchain.md §5
 # Images per training-mode pass that sets the BN statistics (the teacher's activations at
 # 480×640 take ~1 GB per image in training mode).
 BATCHNORM_IMAGES = {"student": 8, "teacher": 2}

@@ -2,12 +2,12 @@
 
 ``DepthTrainer(network)`` trains one network (teacher or student: the paper's "direct training") on
 ``λs·Ls + λgml·Lgml``; ``Distiller(teacher=..., student=...)`` adds ``λd·Σ_k Lpa(student_k, teacher_k)``
-over the distilled stride pairs (SPEC §1). Both are ``keras.Model``s used through
+over the distilled stride pairs (design.md §1). Both are ``keras.Model``s used through
 ``compile(optimizer=...)`` and ``fit(images, depths)``; the networks they wrap are functional models
-with dict outputs ``depth, stride16, stride8, stride4, stride2`` (SPEC §4).
+with dict outputs ``depth, stride16, stride8, stride4, stride2`` (design.md §4).
 
 Under ``tf.distribute`` each replica's loss is divided by the number of replicas before the gradient
-(Keras sums replica gradients; TOOLCHAIN §10), so one global batch gives the same update on 1 or N
+(Keras sums replica gradients; toolchain.md §10), so one global batch gives the same update on 1 or N
 replicas; the trackers report the unscaled values.
 """
 
@@ -18,7 +18,7 @@ import tensorflow as tf
 from mdekd import losses
 from mdekd.metrics import per_image_depth_metrics
 
-DISTILL_STRIDES = ("stride16", "stride8", "stride4", "stride2")  # SPEC §4: the K <= 4 pairs
+DISTILL_STRIDES = ("stride16", "stride8", "stride4", "stride2")  # design.md §4: the K <= 4 pairs
 VALIDATION_METRICS = ("si_rmse", "rmse", "abs_rel")
 FEATURE_ACTIVATIONS = (None, "relu")
 TEACHER_DEPTH = "teacher_depth"  # key of the precomputed teacher depth in a batch
@@ -34,7 +34,7 @@ class DepthTrainer(keras.Model):
     Args:
         network: functional model, input (B, H, W, 3) RGB in [0, 1], dict output with ``depth``
             (B, H, W, 1) metres.
-        lambda_si, lambda_gml: loss weights (SPEC §1 defaults 1 and 0.5).
+        lambda_si, lambda_gml: loss weights (design.md §1 defaults 1 and 0.5).
         num_scales: scales of the gradient matching loss.
     """
 
@@ -54,7 +54,7 @@ class DepthTrainer(keras.Model):
         self.metric_trackers = {
             name: keras.metrics.Mean(name=name) for name in VALIDATION_METRICS
         }
-        # TOOLCHAIN §10: without this, save_weights / BackupAndRestore refuse an "unbuilt" model.
+        # toolchain.md §10: without this, save_weights / BackupAndRestore refuse an "unbuilt" model.
         self.built = True
 
     @property
@@ -74,7 +74,7 @@ class DepthTrainer(keras.Model):
 
         The SI term is averaged over the images that have labels: unlabelled frames (depth all 0,
         ``--unlabeled_dir``) neither dilute it nor receive a supervised gradient. For batches whose
-        every image has a valid pixel this is the SPEC value exactly.
+        every image has a valid pixel this is the design.md §1 value exactly.
         """
         depth_pred = tf.cast(outputs["depth"], tf.float32)
         si = losses.scale_invariant_loss(depths, depth_pred, variance_focus=self.variance_focus)
@@ -100,9 +100,9 @@ class DepthTrainer(keras.Model):
         with tf.GradientTape() as tape:
             outputs = self.network(images, training=True)
             terms = self._terms(depths, outputs, targets)
-            # TOOLCHAIN §10: Keras sums replica gradients, so each replica optimises loss / N.
+            # toolchain.md §10: Keras sums replica gradients, so each replica optimises loss / N.
             optimised = terms["loss"] / tf.cast(_num_replicas(), tf.float32)
-            # TOOLCHAIN §12: a no-op in float32, required under mixed_float16.
+            # toolchain.md §12: a no-op in float32, required under mixed_float16.
             optimised = self.optimizer.scale_loss(optimised)
         gradients = tape.gradient(optimised, variables)
         self.optimizer.apply(gradients, variables)
@@ -135,7 +135,7 @@ class Distiller(DepthTrainer):
     ``λs·Ls + λgml·Lgml + λd·Σ_k Lpa(student_k, teacher_k) + λr·Ls(teacher depth, student depth)``.
 
     Batches are ``(images, depths)``, or ``({"image": images, **targets}, depths)`` with the teacher's
-    targets precomputed by ``compute_teacher_targets`` (TOOLCHAIN §18: valid when the augmentation
+    targets precomputed by ``compute_teacher_targets`` (toolchain.md §18: valid when the augmentation
     does not change what the teacher sees); then ``teacher`` may be None. Unlabelled frames carry
     depth 0: the supervised terms ignore them, every distillation term applies.
 

@@ -1,4 +1,4 @@
-"""SPEC §2 metrics of a trained model (.keras or .tflite) over one split of a dataset.
+"""design.md §2 metrics of a trained model (.keras or .tflite) over one split of a dataset.
 
 Resolution rule (the same for Keras and TFLite, and the same as ``mdekd.predict``): each image
 is resized (bilinear) to the model's fixed input size, and the predicted depth is resized
@@ -36,7 +36,7 @@ def median_scaled(depth_true, depth_pred):
 def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch_size=DEFAULT_BATCH_SIZE,
                    num_threads=DEFAULT_NUM_THREADS, max_images=None, progress=False, median_scaling=False,
                    **layout_options):
-    """SPEC §2 metrics of ``model`` over the ``split`` pairs of ``data_dir``.
+    """design.md §2 metrics of ``model`` over the ``split`` pairs of ``data_dir``.
 
     model: a ``keras.Model``, a runner of ``mdekd.tflite_runner`` or a .keras/.tflite path.
     dataset / layout_options: as ``mdekd.data.list_pairs`` (``depth_scale=`` for ``folder``).

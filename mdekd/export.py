@@ -1,19 +1,19 @@
 """TFLite export of a trained depth model: conversion, verification against Keras, atomic write.
 
-SPEC §5. The depth-only inference graph (``mdekd.models.inference_model``) is converted at the
-model's fixed input size with ``tf.lite.TFLiteConverter.from_keras_model`` (TOOLCHAIN §2: the
+design.md §5. The depth-only inference graph (``mdekd.models.inference_model``) is converted at the
+model's fixed input size with ``tf.lite.TFLiteConverter.from_keras_model`` (toolchain.md §2: the
 route that keeps the weights; ``from_concrete_functions`` with a ``trackable_obj`` writes a model
 without weights that outputs NaN). Modes:
 
 =========  =============================================================================
 ``none``   float32 (labelled ``fp32``)
-``fp16``   float16 weights (dequantised to float32 on a CPU, TOOLCHAIN §8)
+``fp16``   float16 weights (dequantised to float32 on a CPU, toolchain.md §8)
 ``dynamic`` int8 weights, float activations (dynamic-range quantisation)
 ``int8``   full integer, activations calibrated on training images; float input/output kept
 =========  =============================================================================
 
 Every conversion is then loaded with LiteRT (XNNPACK, explicit thread count), refused if it holds
-a CUSTOM or Flex op (TOOLCHAIN §3: the pip runtime cannot run them), run on held-out images and
+a CUSTOM or Flex op (toolchain.md §3: the pip runtime cannot run them), run on held-out images and
 compared with the Keras model. Only a model within its mode's ``TOLERANCES`` is written, atomically
 (temp file + ``os.replace``), with a JSON report beside it (``<output>.json``).
 """
@@ -35,7 +35,7 @@ from mdekd.tflite_runner import DEFAULT_NUM_THREADS, TFLiteRunner, depth_only_mo
 
 MODES = ("none", "fp16", "dynamic", "int8")
 MODE_LABELS = {"none": "fp32", "fp16": "fp16", "dynamic": "dynamic", "int8": "int8"}
-DEFAULT_NUM_CALIBRATION = 100  # TOOLCHAIN §9: calibrate int8 on >= 100 real training images
+DEFAULT_NUM_CALIBRATION = 100  # toolchain.md §9: calibrate int8 on >= 100 real training images
 DEFAULT_NUM_VERIFICATION = 16
 STUDENT_RUN_MODES = ("student", "distill")  # run.json "mode" of runs whose network is a student
 
@@ -51,7 +51,7 @@ class Tolerance:
     Errors are per pixel and relative, r = |d_tflite − d_keras| / d_keras (depth is > 0 by
     construction), so they do not depend on the scene's scale: ``mean_relative`` bounds the mean
     of r, ``p99_relative`` its 99th percentile, ``max_relative`` its maximum (None: not gated).
-    With ground truth, the SPEC §2 metrics of both models are compared too: ``metric_drift``
+    With ground truth, the design.md §2 metrics of both models are compared too: ``metric_drift``
     bounds |m_tflite − m_keras| / m_keras for si_rmse and abs_rel, and ``delta1_drop`` bounds how
     much δ<1.25 may fall (absolute fraction of pixels).
     """
@@ -256,7 +256,7 @@ def convert(model, mode, representative_images=None):
     if len(shape) != 4 or None in shape[1:]:
         raise ValueError(
             f"export needs a fixed input size (None, H, W, 3); model {network.name!r} has {shape} "
-            f"(TOOLCHAIN §1). Rebuild it with input_shape=(H, W, 3) and copy the weights."
+            f"(toolchain.md §1). Rebuild it with input_shape=(H, W, 3) and copy the weights."
         )
     converter = tf.lite.TFLiteConverter.from_keras_model(network)
     if mode in ("fp16", "dynamic", "int8"):
@@ -351,7 +351,7 @@ def verify(tflite_bytes, keras_model, images, depths=None, mode="none",
     """Check a converted model against its Keras source; returns the report, raises ExportError.
 
     images: (N, H, W, 3) float32 [0, 1] at the model size; depths: optional (N, H, W, 1) metres
-    truth (0 = invalid) for the SPEC §2 metrics of both models. ``tolerance`` defaults to
+    truth (0 = invalid) for the design.md §2 metrics of both models. ``tolerance`` defaults to
     ``TOLERANCES[mode]``. Raises ExportError naming every failed check.
     """
     from mdekd.metrics import depth_metrics
@@ -364,7 +364,7 @@ def verify(tflite_bytes, keras_model, images, depths=None, mode="none",
     if bad_ops:
         raise ExportError(
             f"the {MODE_LABELS[mode]} conversion contains ops the LiteRT runtime cannot run: "
-            f"{', '.join(bad_ops)} (TOOLCHAIN §3); only builtin ops are accepted"
+            f"{', '.join(bad_ops)} (toolchain.md §3); only builtin ops are accepted"
         )
     runner = TFLiteRunner(tflite_bytes, num_threads=num_threads)
     keras_runner = KerasRunner(keras_model)

@@ -1,4 +1,4 @@
-"""Training losses for monocular depth distillation (SPEC §1).
+"""Training losses for monocular depth distillation (design.md §1).
 
 Depth tensors are (B, H, W, 1) float32 in metres, 0 = invalid; feature maps are NHWC. Every loss
 returns a float32 scalar that is finite for any input with finite values: images or batches with
@@ -8,7 +8,7 @@ and the log of the truth is taken only where it is valid (select, never ``inf * 
 All functions are plain TensorFlow ops: they run eagerly, inside ``tf.function`` (with or
 without ``jit_compile``) and under ``tf.distribute``, with a static or dynamic batch size.
 They return the *per-replica* value: a caller optimising under a distribution strategy scales
-it by ``1 / num_replicas_in_sync`` itself (TOOLCHAIN.md §10).
+it by ``1 / num_replicas_in_sync`` itself (toolchain.md §10).
 
 The total distillation objective is
 ``DEFAULT_LAMBDA_SI * L_si + DEFAULT_LAMBDA_GML * L_gml + DEFAULT_LAMBDA_D * Σ_k L_pa(s_k, t_k)``.
@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from mdekd.constants import MAX_DEPTH, MIN_DEPTH
 
-# SPEC §1: the paper does not publish its λ; these defaults are ours (CLI flags override them).
+# design.md §1: the paper does not publish its λ; these defaults are ours (CLI flags override them).
 DEFAULT_LAMBDA_SI = 1.0
 DEFAULT_LAMBDA_GML = 0.5
 DEFAULT_LAMBDA_D = 1.0
@@ -26,13 +26,13 @@ DEFAULT_LAMBDA_D = 1.0
 # docs/design.md §1: λ < 1 keeps the depth scale, so trained networks predict metres (BTS's value).
 METRIC_VARIANCE_FOCUS = 0.85
 
-DEFAULT_GML_SCALES = 4  # SPEC §1; MiDaS reference GradientLoss(scales=4)
-DEFAULT_POOL_SCALE = 0.5  # SPEC §1; Liu et al. 2019 reference, pairwise loss after pooling
-NORM_EPSILON = 1e-8  # SPEC §1; added to each node's L2 norm, as in the reference L2()
+DEFAULT_GML_SCALES = 4  # design.md §1; MiDaS reference GradientLoss(scales=4)
+DEFAULT_POOL_SCALE = 0.5  # design.md §1; Liu et al. 2019 reference, pairwise loss after pooling
+NORM_EPSILON = 1e-8  # design.md §1; added to each node's L2 norm, as in the reference L2()
 
 
 def valid_mask(depth_true, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH, dtype=tf.float32):
-    """Where the ground truth is valid: ``min_depth < d`` and ``d <= max_depth`` (SPEC preamble).
+    """Where the ground truth is valid: ``min_depth < d`` and ``d <= max_depth`` (design.md preamble).
 
     depth_true: (B, H, W, 1) metres, 0 = invalid. ``max_depth=None`` sets no upper cap; non-finite
     values are never valid (an infinite truth would make every log loss infinite).
@@ -85,7 +85,7 @@ def scale_invariant_loss(depth_true, depth_pred, min_depth=MIN_DEPTH, max_depth=
     log_ratio, mask = _masked_log_ratio(depth_true, depth_pred, min_depth, max_depth)
     count = tf.reduce_sum(mask, axis=[1, 2, 3])
     mean = tf.math.divide_no_nan(tf.reduce_sum(log_ratio, axis=[1, 2, 3]), count)
-    # The centred form (1/n) Σ (g - mean)² equals the SPEC formula (value and gradient) but does
+    # The centred form (1/n) Σ (g - mean)² equals the design.md §1 formula (value and gradient) but does
     # not lose precision when g has a large common offset (a prediction off by a scale factor).
     centred = (log_ratio - mean[:, None, None, None]) * mask
     per_image = tf.math.divide_no_nan(tf.reduce_sum(tf.square(centred), axis=[1, 2, 3]), count)
@@ -116,7 +116,7 @@ def gradient_matching_loss(
     min_depth=MIN_DEPTH,
     max_depth=MAX_DEPTH,
 ):
-    """Multi-scale gradient matching loss on log depth (Ranftl et al. 2019; SPEC §1).
+    """Multi-scale gradient matching loss on log depth (Ranftl et al. 2019; design.md §1).
 
     R = mask · (ln pred - ln true). For scale k = 0..num_scales-1, every 2^k-th pixel of R and of
     the mask is kept (``x[:, ::s, ::s]``, no pooling); the absolute forward differences of R along
@@ -145,7 +145,7 @@ def affinity_pool_size(height, width, pool_scale=DEFAULT_POOL_SCALE):
     """Max-pool kernel (= stride) ``(int(H·pool_scale), int(W·pool_scale))``, each at least 1.
 
     height, width: Python ints or scalar int tensors (the teacher map's). ``pool_scale=None``
-    returns None (no pooling). SPEC §1.
+    returns None (no pooling). design.md §1.
     """
     if pool_scale is None:
         return None
@@ -190,7 +190,7 @@ def _ceil_max_pool(features, pool_size):
 
 
 def affinity_nodes(features, pool_size=None):
-    """Graph nodes of a feature map: pooled, L2-normalised channel vectors (SPEC §1).
+    """Graph nodes of a feature map: pooled, L2-normalised channel vectors (design.md §1).
 
     features: (B, H, W, C). pool_size: (kh, kw) from ``affinity_pool_size`` or None (no pooling).
     Each node vector is divided by (its L2 norm + 1e-8), the norm held constant for gradients
@@ -209,7 +209,7 @@ def affinity_nodes(features, pool_size=None):
 def node_affinity_loss(student_nodes, teacher_nodes):
     """Σ (A_s - A_t)² / N² / B with A = F̂ F̂ᵀ per image; nodes (B, N, C_s) and (B, N, C_t).
 
-    The teacher side carries no gradient. Returns a float32 scalar. SPEC §1.
+    The teacher side carries no gradient. Returns a float32 scalar. design.md §1.
     """
     teacher_nodes = tf.stop_gradient(tf.cast(teacher_nodes, tf.float32))
     student_nodes = tf.cast(student_nodes, tf.float32)
@@ -239,7 +239,7 @@ def _check_matching_maps(student_features, teacher_features):
 
 
 def pairwise_distillation_loss(student_features, teacher_features, pool_scale=DEFAULT_POOL_SCALE):
-    """Pairwise (affinity) distillation loss (Liu et al. 2019, reference semantics; SPEC §1).
+    """Pairwise (affinity) distillation loss (Liu et al. 2019, reference semantics; design.md §1).
 
     student_features (B, H, W, C_s) and teacher_features (B, H, W, C_t): same H and W, channel
     counts may differ. Both maps are max-pooled with kernel = stride =

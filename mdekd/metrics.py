@@ -1,4 +1,4 @@
-"""Depth evaluation metrics (SPEC §2): per image over its valid pixels, then averaged over images.
+"""Depth evaluation metrics (design.md §2): per image over its valid pixels, then averaged over images.
 
 Definitions are those of BTS ``compute_errors`` as used by the MAI 2021 numpy evaluation, with
 natural-log si-RMSE (not ×100). Predictions are clipped to [min_depth, max_depth] first. An image
@@ -32,12 +32,12 @@ METRIC_NAMES = (
     "delta2",
     "delta3",
 )
-DELTA_BASE = 1.25  # SPEC §2; delta_k counts max(p/t, t/p) < 1.25^k
+DELTA_BASE = 1.25  # design.md §2; delta_k counts max(p/t, t/p) < 1.25^k
 _LN_10 = math.log(10.0)
 
 
 def per_image_depth_metrics(depth_true, depth_pred, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH):
-    """Metrics of each image over its valid pixels, as TF ops (SPEC §2).
+    """Metrics of each image over its valid pixels, as TF ops (design.md §2).
 
     depth_true, depth_pred: (B, H, W, 1) metres, 0 = invalid truth; valid where
     ``min_depth < t <= max_depth`` (``max_depth=None``: no cap). Predictions are clipped to
@@ -63,7 +63,7 @@ def per_image_depth_metrics(depth_true, depth_pred, min_depth=MIN_DEPTH, max_dep
     error = pred - truth
     log_error = tf.math.log(pred) - tf.math.log(truth)
     ratio = tf.maximum(pred / truth, truth / pred)
-    # Variance of the log error in centred form: the SPEC's mean(g²) - mean(g)², without the
+    # Variance of the log error in centred form: design.md §2's mean(g²) - mean(g)², without the
     # cancellation a large common offset causes; clamped at 0 against rounding before the sqrt.
     log_mean = image_mean(log_error)
     si_variance = image_mean(tf.square(log_error - log_mean[:, None, None, None]))
@@ -96,7 +96,7 @@ def _as_batch(array, name):
 
 
 class DepthMetricsAccumulator:
-    """Streaming SPEC §2 metrics over a whole dataset, batch by batch.
+    """Streaming design.md §2 metrics over a whole dataset, batch by batch.
 
     Keeps the per-image values of every image with a valid pixel, so ``result()`` is exactly
     ``depth_metrics`` of all batches concatenated, however the data were split.
@@ -141,7 +141,7 @@ class DepthMetricsAccumulator:
 
 
 def depth_metrics(depth_true, depth_pred, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH):
-    """SPEC §2 metrics of a batch: per image over its valid pixels, then the mean over images.
+    """design.md §2 metrics of a batch: per image over its valid pixels, then the mean over images.
 
     depth_true, depth_pred: numpy arrays or tensors, (B, H, W, 1), (H, W, 1) or (H, W), metres.
     Images without a valid pixel are skipped. Returns dict name -> float (``METRIC_NAMES``),
@@ -153,7 +153,7 @@ def depth_metrics(depth_true, depth_pred, min_depth=MIN_DEPTH, max_depth=MAX_DEP
 
 
 class StreamingDepthMetrics(keras.metrics.Metric):
-    """SPEC §2 metrics as one Keras metric whose ``result()`` is a dict (float32 running sums).
+    """design.md §2 metrics as one Keras metric whose ``result()`` is a dict (float32 running sums).
 
     ``update_state(depth_true, depth_pred)`` with (B, H, W, 1) tensors; images without a valid
     pixel are skipped; results are 0 until an image with a valid pixel has been seen.

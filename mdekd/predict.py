@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what mdekd.data.read_rgb reads (8-bit PNG/JPEG)
-MILLIMETRES_PER_METRE = 1000.0  # SPEC §3: MAI2021 depth PNGs are uint16 millimetres
+MILLIMETRES_PER_METRE = 1000.0  # design.md §3: MAI2021 depth PNGs are uint16 millimetres
 UINT16_MAX = 65535
 
 

@@ -3,9 +3,9 @@
 Both take RGB float32 images (B, H, W, 3) in [0, 1] at the model's fixed input size and return
 depth (B, H, W, 1) float32 metres. ``load_depth_runner(path)`` picks the runner from the suffix.
 
-LiteRT (``ai_edge_litert``, TOOLCHAIN §7): XNNPACK is on by default, but ``num_threads`` defaults
+LiteRT (``ai_edge_litert``, toolchain.md §7): XNNPACK is on by default, but ``num_threads`` defaults
 to 1, so it is always passed explicitly here. The model is run through its signature runner, which
-returns outputs by name (TOOLCHAIN §6: the flat output order is not the Keras one).
+returns outputs by name (toolchain.md §6: the flat output order is not the Keras one).
 """
 
 import os
@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-DEFAULT_NUM_THREADS = 2  # the 2-core machine of TOOLCHAIN §8; LiteRT's own default is 1
+DEFAULT_NUM_THREADS = 2  # the 2-core machine of toolchain.md §8; LiteRT's own default is 1
 
 
 class TFLiteRunner:
@@ -144,7 +144,7 @@ def depth_only_model(model):
 def load_keras_model(path):
     """Load a ``.keras`` file saved by mdekd, naming the file in every error.
 
-    Importing ``mdekd.models`` registers the custom layers first (TOOLCHAIN §10); a deserialisation
+    Importing ``mdekd.models`` registers the custom layers first (toolchain.md §10); a deserialisation
     error that names an unknown class is reported as "import mdekd / install the package".
     """
     import keras

@@ -115,7 +115,7 @@ def run_training(config, flags_text=None, progress=True):
         schedule = make_schedule(config.schedule, config.learning_rate, total_steps,
                                  config.warmup_steps)
         trainer.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
-                        jit_compile=False)  # TOOLCHAIN §10: XLA fails under tf.distribute on CPU
+                        jit_compile=False)  # toolchain.md §10: XLA fails under tf.distribute on CPU
 
     panel = _panel_batch(val_ds)
     checkpoint = NetworkCheckpoint(network, worker_dir, rebuild=rebuild)
@@ -180,7 +180,7 @@ def validate_config(config):
         raise ValueError("--batch_size and --epochs must be at least 1")
     if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
         raise ValueError("--mixed_precision needs a GPU: on CPU mixed_float16 is 4-5x slower and "
-                         "cannot be exported to TFLite (TOOLCHAIN §12); train in float32 on CPU")
+                         "cannot be exported to TFLite (toolchain.md §12); train in float32 on CPU")
 
 
 def parse_pool_scale(text):
@@ -397,7 +397,7 @@ def synchronize_batch_norm(model):
     """Make every BatchNormalization in ``model`` (nested models included) use global-batch moments.
 
     Unsynchronised, each replica normalises with its own sub-batch and the moving statistics come
-    from replica 0 only (TOOLCHAIN §10), so 2 replicas would not reproduce the 1-device update.
+    from replica 0 only (toolchain.md §10), so 2 replicas would not reproduce the 1-device update.
     """
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -494,7 +494,7 @@ class NetworkCheckpoint(keras.callbacks.Callback):
             save_model_atomically(network, self.best_path)
 
     def _float32_network(self):
-        # TOOLCHAIN §12: a mixed_float16 model cannot be converted to TFLite; save a float32 twin.
+        # toolchain.md §12: a mixed_float16 model cannot be converted to TFLite; save a float32 twin.
         if keras.mixed_precision.global_policy().compute_dtype == "float32" or self.rebuild is None:
             return self.network
         policy = keras.mixed_precision.global_policy()
@@ -564,7 +564,7 @@ class DepthPanelLogger(keras.callbacks.Callback):
 def fit_custom_loop(trainer, strategy, train_ds, val_ds, epochs, steps_per_epoch,
                     validation_steps, callbacks):
     """``fit`` for ``MultiWorkerMirroredStrategy``, where Keras 3's own ``fit`` fails
-    (keras-team/keras#20585, TOOLCHAIN §11): ``strategy.run`` over ``train_step`` / ``test_step``
+    (keras-team/keras#20585, toolchain.md §11): ``strategy.run`` over ``train_step`` / ``test_step``
     with the same callbacks' epoch hooks. Returns the history dict."""
     train_iter = iter(strategy.experimental_distribute_dataset(train_ds))
 

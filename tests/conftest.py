@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet TensorFlow, deterministic seeds, paths to the shared fixtures."""
+"""Test set-up: quiet TensorFlow, deterministic seeds, the path of the repo's fixtures (tests/fixtures)."""
 
 import os
 import pathlib
@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+FIXTURES = REPO_ROOT / "tests" / "fixtures"  # timm ResNeSt reference data (README there)
 
 
 @pytest.fixture(autouse=True)
@@ -19,10 +19,3 @@ def _seed_everything():
 
     keras.utils.set_random_seed(0)
     np.random.seed(0)
-
-
-@pytest.fixture
-def fixtures_dir():
-    if not FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
-    return FIXTURES

@@ -1,4 +1,4 @@
-"""Joint geometric and image-only photometric augmentation (SPEC §3)."""
+"""Joint geometric and image-only photometric augmentation (design.md §3)."""
 
 import numpy as np
 import pytest

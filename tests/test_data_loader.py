@@ -1,4 +1,4 @@
-"""Pair listing, PNG decoding and the tf.data pipeline (SPEC §3), on tiny files written with PIL."""
+"""Pair listing, PNG decoding and the tf.data pipeline (design.md §3), on tiny files written with PIL."""
 
 import pathlib
 

@@ -1,4 +1,4 @@
-"""Distiller / DepthTrainer: the training step of the paper (SPEC §1 total loss, frozen teacher)."""
+"""Distiller / DepthTrainer: the training step of the paper (design.md §1 total loss, frozen teacher)."""
 
 import keras
 import numpy as np

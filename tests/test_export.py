@@ -1,4 +1,4 @@
-"""TFLite export (SPEC §5): every mode converts to builtin ops, matches Keras, and is written only
+"""TFLite export (design.md §5): every mode converts to builtin ops, matches Keras, and is written only
 after verification; bad inputs fail early with messages that name the culprit."""
 
 import json

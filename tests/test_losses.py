@@ -1,4 +1,4 @@
-"""SPEC §1 losses against independent numpy references (plain loops, float64); their promises."""
+"""design.md §1 losses against independent numpy references (plain loops, float64); their promises."""
 
 import math
 
@@ -10,7 +10,7 @@ from mdekd import losses
 from mdekd.constants import MAX_DEPTH, MIN_DEPTH
 
 # ----------------------------------------------------------------------------------------------
-# Independent numpy references, written from the SPEC text (not from mdekd code).
+# Independent numpy references, written from docs/design.md (not from mdekd code).
 
 
 def reference_valid(depth_true, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH):

@@ -1,4 +1,4 @@
-"""SPEC §2 depth metrics: hand-computed values, an independent numpy reference, streaming forms."""
+"""design.md §2 depth metrics: hand-computed values, an independent numpy reference, streaming forms."""
 
 import math
 

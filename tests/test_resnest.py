@@ -1,4 +1,4 @@
-"""ResNeSt encoder and timm weight loading against the shared timm fixtures (SPEC §4)."""
+"""ResNeSt encoder and timm weight loading against the timm fixtures of tests/fixtures (design.md §4)."""
 
 import subprocess
 import sys
@@ -21,8 +21,6 @@ STAGES = {"stem": "maxpool", "layer1": "c2", "layer2": "c3", "layer3": "c4", "la
 
 @pytest.fixture(scope="module")
 def weights_path():
-    if not FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
     return FIXTURES / FIXTURE_WEIGHTS
 
 
@@ -69,7 +67,7 @@ def test_resnest101_has_reference_parameter_count():
     "variant, parameters", [("resnest14", 8_562_688), ("resnest26", 15_020_448), ("resnest50", 25_434_240)]
 )
 def test_small_resnest_variants_match_timm_parameter_counts(variant, parameters):
-    # timm resnest14d/26d/50d without the fc head (shared/fixtures/README.md)
+    # timm resnest14d/26d/50d without the fc head (tests/fixtures/README.md)
     assert trainable_parameter_count(build_resnest(variant)) == parameters
 
 

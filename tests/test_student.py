@@ -1,4 +1,4 @@
-"""FastDepth student (SPEC §4): size, cost, outputs, positivity, weights, serialisation."""
+"""FastDepth student (design.md §4): size, cost, outputs, positivity, weights, serialisation."""
 
 import keras
 import numpy as np

@@ -1,4 +1,4 @@
-"""Synthetic scenes: exact metric depth, determinism, the MAI2021 files and the CLI (SPEC §3)."""
+"""Synthetic scenes: exact metric depth, determinism, the MAI2021 files and the CLI (design.md §3)."""
 
 import json
 import math

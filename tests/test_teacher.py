@@ -1,4 +1,4 @@
-"""Teacher: ResNeSt + Xian et al. fusion decoder (SPEC §4): size, cost, outputs, weights, serialisation."""
+"""Teacher: ResNeSt + Xian et al. fusion decoder (design.md §4): size, cost, outputs, weights, serialisation."""
 
 import keras
 import numpy as np
@@ -129,8 +129,6 @@ def test_teacher_keras_file_round_trip_gives_identical_outputs(tiny_teacher, tmp
 
 @pytest.fixture(scope="module")
 def fixture_encoder():
-    if not FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
     encoder = build_resnest("resnest14", input_shape=(64, 64, 3))
     load_timm_resnest_weights(encoder, FIXTURE_WEIGHTS)
     return encoder

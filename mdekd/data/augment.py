@@ -1,7 +1,7 @@
 """Training augmentation for (image, depth) pairs, usable inside ``tf.data.Dataset.map``.
 
 Geometric transforms (horizontal flip, crop-and-resize zoom, small rotation) are composed into
-ONE projective transform applied to image and depth together (SPEC §3): the image is resampled
+ONE projective transform applied to image and depth together (design.md §3): the image is resampled
 bilinearly, the depth with NEAREST neighbour and constant fill 0, so every output depth is either
 an input depth value or 0 (invalid) and invalid pixels never blend into valid ones.
 

@@ -3,7 +3,7 @@
 Yields ``image`` (B, H, W, 3) float32 RGB in [0, 1] and ``depth`` (B, H, W, 1) float32 metres,
 0 = invalid (stored 0, <= MIN_DEPTH or > max_depth). Depth PNGs are decoded as uint16
 (``tf.io.decode_png(..., dtype=tf.uint16)``; the default uint8 silently returns value >> 8,
-TOOLCHAIN §15). Files are checked up front from their headers (``validate``), so an 8-bit or
+toolchain.md §15). Files are checked up front from their headers (``validate``), so an 8-bit or
 colour depth PNG, a size mismatch or an unreadable file is reported by name before training.
 
 Order and augmentation are a function of ``seed`` alone: each epoch's order is a stateless

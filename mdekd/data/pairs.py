@@ -1,12 +1,12 @@
 """Dataset layouts as data, pairing of RGB and depth files, and numpy readers.
 
-One pairing rule serves every layout (SPEC §3). A split lives in ``<root>/<split>``; its RGB files
+One pairing rule serves every layout (design.md §3). A split lives in ``<root>/<split>``; its RGB files
 are searched recursively under ``rgb_dir`` and its depth files under ``depth_dir`` (both relative to
 the split folder, ``""`` = the split folder itself, an absolute path is used as is). A file's
 **pairing key** is its path relative to that folder with the layout's prefix stripped from the file
 name and the extension dropped; an RGB file and a depth file pair when their keys are equal:
 
-- ``mai2021``: ``train/rgb/0001.png`` + ``train/depth/0001.png``, depth mm / 1000 (SPEC §3);
+- ``mai2021``: ``train/rgb/0001.png`` + ``train/depth/0001.png``, depth mm / 1000 (design.md §3);
 - ``synthetic``: the same layout, what ``mdekd.data.synthetic`` writes;
 - ``kitti``: ``train/rgb/<drive>/image_02/0000000005.png`` + ``train/depth/<drive>/image_02/
   0000000005.png``, depth value / 256;
@@ -53,11 +53,11 @@ class Layout:
     depth_extensions: tuple[str, ...] = (".png",)
 
 
-_MAI2021 = Layout("rgb", "depth", depth_scale=1e-3)  # SPEC §3: uint16 PNG in millimetres
+_MAI2021 = Layout("rgb", "depth", depth_scale=1e-3)  # design.md §3: uint16 PNG in millimetres
 LAYOUTS: dict[str, Layout] = {
     "mai2021": _MAI2021,
     "synthetic": _MAI2021,  # mdekd.data.synthetic writes the MAI2021 layout
-    "kitti": Layout("rgb", "depth", depth_scale=1 / 256, rgb_extensions=(".png",)),  # SPEC §3: v / 256
+    "kitti": Layout("rgb", "depth", depth_scale=1 / 256, rgb_extensions=(".png",)),  # design.md §3: v / 256
     "nyu": Layout("", "", depth_scale=1e-3, rgb_prefix="rgb_", depth_prefix="sync_depth_"),  # BTS, mm
     "folder": Layout("rgb", "depth", depth_scale=None),  # generic: depth_scale= required
 }

@@ -1,4 +1,4 @@
-"""Procedural scenes with exact metric depth, written in the MAI2021 layout (SPEC §3).
+"""Procedural scenes with exact metric depth, written in the MAI2021 layout (design.md §3).
 
 ``render_scene`` ray-casts one frame with numpy (every pixel at once): an outdoor scene (ground
 plane, sky, buildings, crates, balls, sun with shadows, haze) or a room (floor, walls, ceiling,

@@ -6,17 +6,17 @@ import keras
 
 from mdekd.constants import MIN_DEPTH
 
-BATCHNORM_MOMENTUM = 0.9  # SPEC §4: PyTorch momentum 0.1 of the reference nets (TOOLCHAIN §16)
+BATCHNORM_MOMENTUM = 0.9  # design.md §4: PyTorch momentum 0.1 of the reference nets (toolchain.md §16)
 TORCH_BATCHNORM_EPSILON = 1e-5  # PyTorch's BatchNorm2d default, used by all reference decoders
-OUTPUT_STRIDE = 32  # both encoders downsample by 32, so H and W must be multiples of it (SPEC §4)
-FEATURE_KEYS = ("stride16", "stride8", "stride4", "stride2")  # decoder maps, SPEC §4
+OUTPUT_STRIDE = 32  # both encoders downsample by 32, so H and W must be multiples of it (design.md §4)
+FEATURE_KEYS = ("stride16", "stride8", "stride4", "stride2")  # decoder maps, design.md §4
 
 
 def check_input_shape(input_shape):
     """Validate a fixed (H, W, 3) input shape; H and W must be multiples of 32.
 
     The models are built for one input size: Keras 3.15.1 cannot trace bilinear ``UpSampling2D``
-    with unknown H/W (TOOLCHAIN §1), and the decoders add maps of matching sizes.
+    with unknown H/W (toolchain.md §1), and the decoders add maps of matching sizes.
     """
     if len(input_shape) != 3 or input_shape[-1] != 3:
         raise ValueError(f"input_shape must be (H, W, 3), got {tuple(input_shape)}")

@@ -1,8 +1,8 @@
-"""ResNeSt encoder (Zhang et al. 2020) as timm implements it, exact to fp32 (SPEC §4).
+"""ResNeSt encoder (Zhang et al. 2020) as timm implements it, exact to fp32 (design.md §4).
 
 One builder reads the variant table. Radix 2, cardinality 1, base width 64, deep stem, avg-down
 shortcut, avd pool after the split-attention conv in the first block of stages 2–4, BN epsilon
-1e-5. Torch padding is reproduced exactly (shared/fixtures/README.md, "Keras port").
+1e-5. Torch padding is reproduced exactly (tests/fixtures/README.md and docs/design.md §4).
 
 Layer names are timm's module paths with '.' replaced by '_' (``layer1.0.conv2.fc1`` ->
 ``layer1_0_conv2_fc1``; timm module names contain no '_'), so timm weights map by name

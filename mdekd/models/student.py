@@ -1,15 +1,15 @@
 """Student: FastDepth (Wofk et al. 2019), MobileNet v1 encoder + NNConv5 decoder with additive skips.
 
-Reference: dwofk/fast-depth ``MobileNetSkipAdd`` (SPEC §4). Decoder stage i is
+Reference: dwofk/fast-depth ``MobileNetSkipAdd`` (design.md §4). Decoder stage i is
 [DepthwiseConv 5×5 + BN + ReLU, Conv 1×1 + BN + ReLU, ×2 upsampling]; skips are added after the
 upsampling. The head is the reference's Conv 1×1 (no bias) + BN, followed by ``softplus + MIN_DEPTH``
 instead of its ReLU, so depth is > 0 and the parameter count is the reference's exactly
 (3,960,930 at α = 1: 3,206,976 encoder + 753,954 decoder; the activation has no parameters).
-Every BatchNormalization uses momentum 0.9 (SPEC §4); the decoder's use PyTorch's epsilon 1e-5 as
+Every BatchNormalization uses momentum 0.9 (design.md §4); the decoder's use PyTorch's epsilon 1e-5 as
 the reference does, MobileNet's keep Keras' 1e-3 that its ImageNet weights were trained with.
 
 Upsampling: ``"bilinear"`` is the default because Keras' nearest ``UpSampling2D`` lowers to a TILE
-chain that splits XNNPACK in TFLite (TOOLCHAIN §5: int8 12.3 ms vs 10.0 ms); ``"nearest"`` is the
+chain that splits XNNPACK in TFLite (toolchain.md §5: int8 12.3 ms vs 10.0 ms); ``"nearest"`` is the
 reference's choice and stays available.
 """
 
@@ -21,7 +21,7 @@ import keras
 from mdekd.models.common import BATCHNORM_MOMENTUM, batchnorm_layer, check_input_shape
 from mdekd.models.layers import PositiveDepth
 
-DECODER_WIDTHS = (512, 256, 128, 64, 32)  # SPEC §4, fast-depth decode_conv1..5 at α = 1
+DECODER_WIDTHS = (512, 256, 128, 64, 32)  # design.md §4, fast-depth decode_conv1..5 at α = 1
 DECODER_KERNEL_SIZE = 5  # fast-depth MobileNetSkipAdd kernel_size
 ENCODER_OUTPUT = "conv_pw_13_relu"  # (B, H/32, W/32, 1024·α)
 # decoder stage -> MobileNet layer added after that stage's upsampling (fast-depth forward)

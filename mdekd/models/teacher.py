@@ -1,4 +1,4 @@
-"""Teacher: ResNeSt encoder + the feature-fusion decoder of Xian et al. 2018/2019 (SPEC §4).
+"""Teacher: ResNeSt encoder + the feature-fusion decoder of Xian et al. 2018/2019 (design.md §4).
 
 Decoder (the authors' code; dc = ``decoder_channels``, 256 in the reference):
   FTB(x) = ReLU(c + conv3×3(ReLU(BN(conv3×3(ReLU(c)))))) with c = conv3×3(x), convs with bias;
