@@ -11,9 +11,10 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
+
+from mdekd.atomic import write_text_atomically
 
 DEFAULT_OUTPUT_DIR = os.path.join("benchmark", "results")
 SGEMM_SIZE = 2048  # square float32 matmul: 8.6 GMACs, large enough to reach BLAS peak
@@ -36,17 +37,9 @@ def fmt(value, digits=2):
 
 
 def write_atomically(path, text):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """Write ``text`` to ``path`` atomically, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomically(path, text)
 
 
 def write_results(output_dir, name, table, payload, notes=()):

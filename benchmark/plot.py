@@ -17,6 +17,7 @@ import sys
 from absl import app, flags
 
 from benchmark import common
+from mdekd.atomic import atomic_path
 
 FLAGS = flags.FLAGS
 
@@ -144,9 +145,8 @@ def draw_plot(points, title, path):
         else:
             draw.text((px + 9, py - 9), label, fill=colour, font=small)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = path + ".tmp.png"
-    image.save(temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        image.save(temporary)
     return path
 
 

@@ -37,3 +37,18 @@ def write_bytes_atomically(path, data):
     """Write ``data`` (bytes) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         pathlib.Path(tmp).write_bytes(data)
+
+
+def replace_directory(source, destination):
+    """Move the finished folder ``source`` to ``destination``, replacing any old one: readers see
+    the old or the new folder, never a mix (the old one is moved aside first, then deleted)."""
+    import shutil
+
+    source, destination = pathlib.Path(source), pathlib.Path(destination)
+    if destination.exists():
+        stale = destination.with_name(f"{destination.name}.old{os.getpid()}")
+        os.replace(destination, stale)
+        os.replace(source, destination)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    else:
+        os.replace(source, destination)

@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS, load_depth_runner
 
@@ -62,7 +63,8 @@ def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch
     accumulator = DepthMetricsAccumulator()
     scaled_accumulator = DepthMetricsAccumulator() if median_scaling else None
     start = time.perf_counter()
-    for first in range(0, len(pairs), batch_size):
+    for first in tqdm(range(0, len(pairs), batch_size), desc="evaluating", unit="batch",
+                      disable=not progress, file=sys.stderr):
         batch = pairs[first : first + batch_size]
         images = np.stack([resize_image(read_rgb(rgb), runner.input_size) for rgb, _ in batch])
         predictions = runner.predict(images)
@@ -72,10 +74,6 @@ def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch
             accumulator.update(truth, prediction)
             if scaled_accumulator is not None:
                 scaled_accumulator.update(truth, median_scaled(truth, prediction))
-        if progress:
-            done = first + len(batch)
-            print(f"\revaluating {done}/{len(pairs)}", end="\n" if done == len(pairs) else "",
-                  file=sys.stderr, flush=True)
     result = {
         "metrics": accumulator.result(),
         "num_images": len(pairs),

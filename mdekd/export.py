@@ -15,7 +15,7 @@ without weights that outputs NaN). Modes:
 Every conversion is then loaded with LiteRT (XNNPACK, explicit thread count), refused if it holds
 a CUSTOM or Flex op (toolchain.md §3: the pip runtime cannot run them), run on held-out images and
 compared with the Keras model. Only a model within its mode's ``TOLERANCES`` is written, atomically
-(temp file + ``os.replace``), with a JSON report beside it (``<output>.json``).
+(``mdekd.atomic``), with a JSON report beside it (``<output>.json``).
 """
 
 import contextlib
@@ -26,10 +26,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
+from tqdm import tqdm
 
+from mdekd.atomic import write_bytes_atomically
 from mdekd.predict import IMAGE_SUFFIXES
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS, TFLiteRunner, depth_only_model, load_keras_model
 
@@ -91,20 +92,6 @@ TOLERANCES = {
 def _check_mode(mode):
     if mode not in MODES:
         raise ValueError(f"quantize mode must be one of {', '.join(MODES)}, got {mode!r}")
-
-
-def _progress(done, total, label, stream=None):
-    """Progress bar on stderr (stdout is silenced during conversion): redrawn in place on a
-    terminal, a line per quarter otherwise (logs)."""
-    stream = stream or sys.stderr
-    width = 30
-    filled = int(width * done / max(total, 1))
-    bar = f"{label} [{'=' * filled}{'.' * (width - filled)}] {done}/{total}"
-    if stream.isatty():
-        stream.write(f"\r{bar}" + ("\n" if done >= total else ""))
-    elif done == total or done % max(total // 4, 1) == 0:
-        stream.write(bar + "\n")
-    stream.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,17 +163,10 @@ class CalibrationImages:
         from mdekd.data import read_rgb
         from mdekd.predict import resize_image
 
-        done = 0
-        try:
-            for path in self.paths:
-                image = resize_image(read_rgb(path), self.input_size)
-                done += 1
-                if self.progress:
-                    _progress(done, len(self.paths), "int8 calibration")
-                yield image[None]
-        finally:
-            if self.progress and done < len(self.paths) and sys.stderr.isatty():
-                sys.stderr.write("\n")  # end the progress line before an error message
+        # stderr: stdout is silenced during conversion
+        for path in tqdm(self.paths, desc="int8 calibration", unit="image", disable=not self.progress,
+                         file=sys.stderr):
+            yield resize_image(read_rgb(path), self.input_size)[None]
 
 
 @dataclasses.dataclass
@@ -420,18 +400,8 @@ def verify(tflite_bytes, keras_model, images, depths=None, mode="none",
 
 
 def write_atomically(path, data):
-    """Write bytes (or text) to ``path`` through a temp file in the same folder + ``os.replace``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """Write bytes (or text) to ``path`` atomically (``mdekd.atomic``)."""
+    write_bytes_atomically(path, data.encode() if isinstance(data, str) else data)
 
 
 def check_output_writable(output):

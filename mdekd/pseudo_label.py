@@ -17,14 +17,13 @@ import shutil
 import sys
 
 from absl import app, flags
+from tqdm import tqdm
 
 FLAGS = flags.FLAGS
 
 
 def pseudo_label(teacher, input_dir, output_dir, split="train", num_threads=2, progress=True):
     """Label every image of ``input_dir`` with ``teacher``; returns the number newly labelled."""
-    import keras
-
     from mdekd.atomic import atomic_path
     from mdekd.data import list_images, read_rgb
     from mdekd.predict import depth_to_uint16_mm, predict_depth, save_png
@@ -35,9 +34,8 @@ def pseudo_label(teacher, input_dir, output_dir, split="train", num_threads=2, p
     images = list_images(input_dir, flag="--input")
     runner = load_depth_runner(teacher, num_threads=num_threads)
     rgb_root, depth_root = output_dir / split / "rgb", output_dir / split / "depth"
-    bar = keras.utils.Progbar(len(images), unit_name="image", verbose=1 if progress else 0)
     labelled = 0
-    for count, source in enumerate(images, start=1):
+    for source in tqdm(images, desc="pseudo-labels", unit="image", disable=not progress, file=sys.stderr):
         relative = pathlib.Path(source).relative_to(input_dir)
         depth_path = (depth_root / relative).with_suffix(".png")
         if not depth_path.exists():
@@ -49,7 +47,6 @@ def pseudo_label(teacher, input_dir, output_dir, split="train", num_threads=2, p
                 shutil.copyfile(source, temporary)
             save_png(depth_path, depth_to_uint16_mm(depth))
             labelled += 1
-        bar.update(count)
     return labelled
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from mdekd import distill, losses, models
+from mdekd.atomic import atomic_path, write_text_atomically
 from mdekd.schedules import make_schedule
 
 MODES = ("teacher", "student", "distill")
@@ -446,15 +447,9 @@ def load_teacher(config):
 # --------------------------------------------------------------------------------------- callbacks
 
 def save_model_atomically(model, path):
-    """``model.save(path)`` through a temporary file in the same folder, then rename."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    try:
+    """``model.save(path)`` atomically (``mdekd.atomic``)."""
+    with atomic_path(path) as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class NetworkCheckpoint(keras.callbacks.Callback):
@@ -487,9 +482,7 @@ class NetworkCheckpoint(keras.callbacks.Callback):
         if value is not None and np.isfinite(value) and value < self._best_value():
             save_model_atomically(network, self.best_path)
             record = {"epoch": epoch + 1, "monitor": self.monitor, "value": float(value)}
-            tmp = self._best_record.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self._best_record)
+            write_text_atomically(self._best_record, json.dumps(record))
         elif not self.best_path.exists():
             save_model_atomically(network, self.best_path)
 
@@ -627,8 +620,5 @@ def _write_run_files(output_dir, config, data_dir, flags_text):
                   started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     for name, text in (("run.json", json.dumps(record, indent=2, default=str)),
                        ("flags.txt", flags_text)):
-        if text is None:
-            continue
-        tmp = pathlib.Path(output_dir) / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, pathlib.Path(output_dir) / name)
+        if text is not None:
+            write_text_atomically(pathlib.Path(output_dir) / name, text)

@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import os
 import pathlib
 import shutil
 import sys
@@ -40,9 +39,10 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from mdekd.constants import MAX_DEPTH
-from mdekd.data.progress import ProgressBar
+from mdekd.atomic import atomic_path, replace_directory
 
 RENDERER_VERSION = 1  # bump when rendering changes, so stale complete datasets are not reused
 MARKER = "synthetic.json"
@@ -489,9 +489,8 @@ def frame_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
 
 
 def _save_png(array, path: pathlib.Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(array).save(temporary, format="PNG", compress_level=3)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG", compress_level=3)
 
 
 def _render_and_write(task) -> None:
@@ -562,7 +561,8 @@ def generate_dataset(output, train: int, validation: int, height: int, width: in
     tasks = [(str(partial), split, index, seed, height, width)
              for split, count in (("train", train), ("validation", validation)) for index in range(count)
              if not (partial / split / "rgb" / f"{index:06d}.png").is_file()]  # resume an interrupted run
-    bar = ProgressBar(train + validation, label=f"synthetic {height}x{width}", enabled=progress)
+    bar = tqdm(total=train + validation, desc=f"synthetic {height}x{width}", unit="frame",
+               disable=not progress, file=sys.stderr)
     bar.update(train + validation - len(tasks))
     if workers > 1 and len(tasks) > 1:
         # spawn: workers import only numpy/PIL, never inherit a (fork-unsafe) TensorFlow runtime
@@ -576,17 +576,11 @@ def generate_dataset(output, train: int, validation: int, height: int, width: in
             bar.update(1)
     bar.close()
 
-    for stray in partial.rglob(".*.tmp*"):  # temp files of a run killed mid-write
+    for stray in partial.rglob(".*.partial*"):  # temp files of a run killed mid-write
         stray.unlink()
     # the marker of a complete set; written before the rename, so <output> appears complete or not at all
     partial_marker.write_text(json.dumps(parameters))
-    if output.exists():
-        stale = output.with_name(output.name + f".old{os.getpid()}")
-        os.replace(output, stale)
-        os.replace(partial, output)
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    else:
-        os.replace(partial, output)
+    replace_directory(partial, output)
     return output
 
 

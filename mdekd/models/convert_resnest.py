@@ -10,7 +10,8 @@ mapping at every start).
 
 import os
 import sys
-import tempfile
+
+from mdekd.atomic import atomic_path
 
 from mdekd.models.resnest import build_resnest
 from mdekd.models.timm_weights import load_timm_resnest_weights
@@ -28,17 +29,9 @@ def convert_resnest_weights(input_path, variant, output_path):
         raise ValueError(f"--output must end with {WEIGHTS_SUFFIX}, got {output_path!r}")
     encoder = build_resnest(variant)
     load_timm_resnest_weights(encoder, input_path)
-    directory = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".converting-", suffix=WEIGHTS_SUFFIX, dir=directory)
-    os.close(handle)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    with atomic_path(output_path) as temporary:
         encoder.save_weights(temporary, overwrite=True)
-        os.replace(temporary, output_path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
     return encoder
 
 
