@@ -8,6 +8,8 @@ approximation, Apache-2.0). ``colorize_depth`` maps near to red and far to blue;
 
 import numpy as np
 
+from mdekd.constants import valid_depth
+
 # Turbo polynomial approximation: c(x) = v4 · (1, x, x², x³) + v2 · (x⁴, x⁵), per channel.
 _TURBO_V4 = np.array(
     [
@@ -41,7 +43,7 @@ def depth_range(depth):
     pixel is valid.
     """
     depth = np.asarray(depth, dtype=np.float64)
-    valid = depth[np.isfinite(depth) & (depth > 0)]
+    valid = depth[valid_depth(depth, max_depth=None)]
     if valid.size == 0:
         return 1.0, 2.0
     low, high = np.percentile(valid, [2.0, 98.0])
@@ -65,7 +67,7 @@ def colorize_depth(depth, low=None, high=None, near_is_warm=True):
         default_low, default_high = depth_range(depth)
         low = default_low if low is None else low
         high = default_high if high is None else high
-    valid = np.isfinite(depth) & (depth > 0)
+    valid = valid_depth(depth, max_depth=None)
     scaled = (np.where(valid, depth, low) - low) / max(high - low, 1e-12)
     colours = turbo(1.0 - scaled if near_is_warm else scaled)
     colours[~valid] = 0

@@ -17,6 +17,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from mdekd.constants import valid_depth
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS, load_depth_runner
 
 DEFAULT_BATCH_SIZE = 4
@@ -28,7 +29,7 @@ def median_scaled(depth_true, depth_pred):
     The usual protocol for networks trained only with scale-invariant losses (SI, gradient
     matching), whose absolute scale is arbitrary; si-RMSE is unchanged by it.
     """
-    valid = depth_true > 0
+    valid = valid_depth(depth_true)
     if not valid.any():
         return depth_pred
     return depth_pred * (np.median(depth_true[valid]) / max(float(np.median(depth_pred[valid])), 1e-12))

@@ -16,7 +16,7 @@ The total distillation objective is
 
 import tensorflow as tf
 
-from mdekd.constants import MAX_DEPTH, MIN_DEPTH
+from mdekd.constants import MAX_DEPTH, MIN_DEPTH, valid_depth
 
 # design.md §1: the paper does not publish its λ; these defaults are ours (CLI flags override them).
 DEFAULT_LAMBDA_SI = 1.0
@@ -38,10 +38,7 @@ def valid_mask(depth_true, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH, dtype=tf.fl
     values are never valid (an infinite truth would make every log loss infinite).
     Returns a tensor of the same shape, ``dtype`` float32 (1/0) by default or ``tf.bool``.
     """
-    depth_true = tf.cast(depth_true, tf.float32)
-    mask = tf.logical_and(depth_true > min_depth, tf.math.is_finite(depth_true))
-    if max_depth is not None:
-        mask = tf.logical_and(mask, depth_true <= max_depth)
+    mask = valid_depth(tf.cast(depth_true, tf.float32), min_depth, max_depth)
     return mask if dtype == tf.bool else tf.cast(mask, dtype)
 
 

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mdekd.constants import MAX_DEPTH, MIN_DEPTH
+from mdekd.constants import MAX_DEPTH, MIN_DEPTH, valid_depth
 
 METRIC_NAMES = (
     "si_rmse",
@@ -47,9 +47,8 @@ def per_image_depth_metrics(depth_true, depth_pred, min_depth=MIN_DEPTH, max_dep
     """
     depth_true = tf.cast(depth_true, tf.float32)
     depth_pred = tf.maximum(tf.cast(depth_pred, tf.float32), min_depth)
-    is_valid = tf.logical_and(depth_true > min_depth, tf.math.is_finite(depth_true))
+    is_valid = valid_depth(depth_true, min_depth, max_depth)
     if max_depth is not None:
-        is_valid = tf.logical_and(is_valid, depth_true <= max_depth)
         depth_pred = tf.minimum(depth_pred, max_depth)
     mask = tf.cast(is_valid, tf.float32)
     # A harmless 1 m where the truth is invalid keeps every intermediate finite.

@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from mdekd.constants import valid_depth
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what mdekd.data.read_rgb reads (8-bit PNG/JPEG)
 MILLIMETRES_PER_METRE = 1000.0  # design.md §3: MAI2021 depth PNGs are uint16 millimetres
 UINT16_MAX = 65535
@@ -99,7 +101,7 @@ def depth_panel(image, depth_true, depth_pred):
             f"image {image.shape[:2]}, truth {depth_true.shape} and prediction {depth_pred.shape} "
             f"must have the same H×W"
         )
-    valid = np.isfinite(depth_true) & (depth_true > 0)
+    valid = valid_depth(depth_true)
     low, high = depth_range(depth_true if valid.any() else depth_pred)
     error = np.where(valid, np.abs(depth_pred - depth_true), 0.0)
     error_high = float(np.percentile(error[valid], 98.0)) if valid.any() else 1.0

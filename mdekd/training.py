@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from mdekd import distill, losses, models
 from mdekd.atomic import atomic_path, write_text_atomically
+from mdekd.constants import valid_depth
 from mdekd.schedules import make_schedule
 
 MODES = ("teacher", "student", "distill")
@@ -322,7 +323,7 @@ def training_median_depth(config, data_dir, frames=64):
     ds = _dataset(dataclasses.replace(config, batch_size=1), data_dir, "train", augment=False,
                   shuffle=False, repeat=False)
     depths = np.concatenate([depth.numpy().ravel() for _, depth in ds.take(frames)])
-    valid = depths[depths > 0]
+    valid = depths[valid_depth(depths)]
     return float(np.median(valid)) if valid.size else 1.0
 
 

@@ -18,7 +18,7 @@ import pathlib
 
 import tensorflow as tf
 
-from mdekd.constants import MAX_DEPTH, MIN_DEPTH
+from mdekd.constants import MAX_DEPTH, valid_depth
 from mdekd.data.augment import augment_example
 from mdekd.data.pairs import check_pairs, list_pairs, resolve_layout
 
@@ -51,10 +51,7 @@ def decode_rgb(image_bytes):
 
 def mask_invalid(depth, max_depth: float | None = MAX_DEPTH):
     """Zero depths outside the valid range MIN_DEPTH < d <= max_depth (None = no cap)."""
-    valid = depth > MIN_DEPTH
-    if max_depth is not None:
-        valid &= depth <= max_depth
-    return tf.where(valid, depth, tf.zeros_like(depth))
+    return tf.where(valid_depth(depth, max_depth=max_depth), depth, tf.zeros_like(depth))
 
 
 def build_dataset(root, split: str = "train", dataset: str = "mai2021", *, batch_size: int = 8,

@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-from mdekd.constants import MAX_DEPTH, MIN_DEPTH
+from mdekd.constants import valid_depth
 from mdekd.data.pairs import list_pairs, read_depth_png, read_rgb, resolve_layout
 
 
@@ -33,7 +33,7 @@ def describe_dataset(root, dataset: str = "mai2021", splits=("train", "validatio
         for rgb_path, depth_path in pairs:
             image = read_rgb(rgb_path)
             depth = read_depth_png(depth_path, scale)[..., 0]
-            valid_depths.append(depth[(depth > MIN_DEPTH) & (depth <= MAX_DEPTH)])
+            valid_depths.append(depth[valid_depth(depth)])
             colour_sums += image.reshape(-1, 3).sum(axis=0, dtype=np.float64)
             pixels += depth.size
             sizes.add(depth.shape)
