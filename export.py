@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from mdekd import export  # noqa: E402
+from mdekd.tflite_runner import DEFAULT_NUM_THREADS  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +41,7 @@ flags.DEFINE_integer("num_verification", export.DEFAULT_NUM_VERIFICATION,
                      "Held-out images compared with Keras.", lower_bound=1)
 flags.DEFINE_string("output", None,
                     "Output .tflite path. Default: student_<fp32|fp16|dynamic|int8>.tflite beside the model.")
-flags.DEFINE_integer("num_threads", 2, "LiteRT threads for the verification run.", lower_bound=1)
+flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads for the verification run.", lower_bound=1)
 flags.DEFINE_string("runs_dir", "runs", "Where to look for the newest student when --model is not given.")
 
 

@@ -11,6 +11,7 @@ import sys
 from absl import app, flags
 
 from mdekd import distill, training
+from mdekd.models.student import UPSAMPLING_MODES
 from mdekd.schedules import SCHEDULES
 
 _D = training.TrainConfig()
@@ -64,7 +65,7 @@ flags.DEFINE_string("teacher_encoder", _D.teacher_encoder, "ResNeSt variant of t
 flags.DEFINE_integer("teacher_decoder_channels", _D.teacher_decoder_channels,
                      "Width of the teacher's fusion decoder (256 in the paper).")
 flags.DEFINE_float("student_alpha", _D.student_alpha, "MobileNet width multiplier of the student.")
-flags.DEFINE_enum("upsampling", _D.upsampling, ["bilinear", "nearest"], "Student decoder upsampling.")
+flags.DEFINE_enum("upsampling", _D.upsampling, list(UPSAMPLING_MODES), "Student decoder upsampling.")
 flags.DEFINE_string("encoder_weights", _D.encoder_weights,
                     "Encoder initialisation: empty (random), 'imagenet', or a weights file.")
 flags.DEFINE_integer("seed", _D.seed, "Random seed (weights, data order, augmentation).")

@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from mdekd.atomic import write_text_atomically
+from mdekd.distill import DISTILL_STRIDES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "benchmark/results/ablation", "Run folders and per-run results.")
@@ -66,7 +67,6 @@ SMOKE = dict(train_frames=12, validation_frames=4, height=64, width=64, student_
              paper_steps=2, scarce_steps=2, batch_size=4, labelled_frames=6, seeds=["0"],
              affinity_frames=4, output_dir="benchmark/results/ablation_smoke",
              results_dir="benchmark/results/ablation_smoke/results", data_dir="data/ablation_smoke")
-STRIDES = ("stride16", "stride8", "stride4", "stride2")
 PAPER_KD = dict(lambda_d=1.0, pool_scale=0.5, feature_activation="", lambda_response=0.0)
 # Node grids measured for the "best pairwise" arm; None (every cell a node) only where the map is
 # small enough for an N×N affinity per image.
@@ -201,17 +201,17 @@ def affinity_targets(s, teacher_path, root, dataset, out):
         teacher = keras.models.load_model(teacher_path, compile=False)
         ds = build_dataset(root, "validation", dataset, batch_size=4,
                            image_size=(s["height"], s["width"]), shuffle=False)
-        outputs = {name: [] for name in STRIDES}
+        outputs = {name: [] for name in DISTILL_STRIDES}
         seen = 0
         for images, _ in ds:
             result = teacher(images, training=False)
-            for name in STRIDES:
+            for name in DISTILL_STRIDES:
                 outputs[name].append(tf.nn.relu(result[name]).numpy())
             seen += len(images)
             if seen >= s["affinity_frames"]:
                 break
         table = {}
-        for name in STRIDES:
+        for name in DISTILL_STRIDES:
             maps = np.concatenate(outputs[name])
             rows = {}
             for grid in GRID_CANDIDATES:
@@ -232,7 +232,7 @@ def affinity_targets(s, teacher_path, root, dataset, out):
 
     table = cached(out / "affinity_targets.json", compute)
     grid = {name: (None if table[name]["best"] == "None" else float(table[name]["best"]))
-            for name in STRIDES}
+            for name in DISTILL_STRIDES}
     log(f"best node grid per stride: {grid}")
     return table, grid
 

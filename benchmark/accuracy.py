@@ -20,6 +20,7 @@ import tempfile
 from absl import app, flags
 
 from benchmark import common
+from mdekd.tflite_runner import DEFAULT_NUM_THREADS
 
 FLAGS = flags.FLAGS
 
@@ -38,7 +39,7 @@ def define_flags():
     flags.DEFINE_list("variants", list(VARIANTS), "keras and TFLite fp32, fp16, dynamic, int8.")
     flags.DEFINE_string("representative_data", None, "int8 calibration images; default: --data_dir (its train/rgb).")
     flags.DEFINE_integer("num_calibration", 100, "int8 calibration images.", lower_bound=1)
-    flags.DEFINE_integer("num_threads", 2, "LiteRT threads.", lower_bound=1)
+    flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads.", lower_bound=1)
     flags.DEFINE_integer("max_images", None, "Evaluate the first N pairs only.", lower_bound=1)
     flags.DEFINE_string("runs_dir", "runs", "Where to look for the newest student.")
     flags.DEFINE_string("output_dir", common.DEFAULT_OUTPUT_DIR, "Where accuracy.md/.json go.")
@@ -46,7 +47,7 @@ def define_flags():
 
 
 def benchmark_accuracy(model_path, data_dir, dataset, split="validation", variants=VARIANTS,
-                       representative_data=None, num_calibration=100, num_threads=2, max_images=None,
+                       representative_data=None, num_calibration=100, num_threads=DEFAULT_NUM_THREADS, max_images=None,
                        output_dir=common.DEFAULT_OUTPUT_DIR, log=print):
     """Evaluate ``model_path`` as Keras and as each TFLite variant; returns the accuracy.json payload."""
     from mdekd import export

@@ -17,8 +17,9 @@ import tensorflow as tf
 
 from mdekd import losses
 from mdekd.metrics import per_image_depth_metrics
+from mdekd.models.common import FEATURE_KEYS
 
-DISTILL_STRIDES = ("stride16", "stride8", "stride4", "stride2")  # design.md §4: the K <= 4 pairs
+DISTILL_STRIDES = FEATURE_KEYS  # design.md §4: the K <= 4 pairs are the decoder maps
 VALIDATION_METRICS = ("si_rmse", "rmse", "abs_rel")
 FEATURE_ACTIVATIONS = (None, "relu")
 TEACHER_DEPTH = "teacher_depth"  # key of the precomputed teacher depth in a batch

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from mdekd.constants import valid_depth
+from mdekd.tflite_runner import DEFAULT_NUM_THREADS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what mdekd.data.read_rgb reads (8-bit PNG/JPEG)
 MILLIMETRES_PER_METRE = 1000.0  # design.md §3: MAI2021 depth PNGs are uint16 millimetres
@@ -135,7 +136,7 @@ def find_depth_file(depth_dir, image_path):
     return candidate
 
 
-def predict_files(model, inputs, output_dir, depth_dir=None, depth_scale=1e-3, num_threads=2,
+def predict_files(model, inputs, output_dir, depth_dir=None, depth_scale=1e-3, num_threads=DEFAULT_NUM_THREADS,
                   log=print):
     """Predict every image of ``inputs`` (file or folder) and write the PNGs into ``output_dir``.
 
@@ -207,7 +208,7 @@ def _define_flags():
                         "adds an RGB | truth | prediction | error panel.")
     flags.DEFINE_float("depth_scale", 1e-3,
                        "Metres per stored unit of the truth PNGs (1e-3: millimetres, KITTI 1/256).")
-    flags.DEFINE_integer("num_threads", 2, "LiteRT threads for a .tflite model.", lower_bound=1)
+    flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads for a .tflite model.", lower_bound=1)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ import sys
 from absl import app, flags
 from tqdm import tqdm
 
+from mdekd.tflite_runner import DEFAULT_NUM_THREADS
+
 FLAGS = flags.FLAGS
 
 
-def pseudo_label(teacher, input_dir, output_dir, split="train", num_threads=2, progress=True):
+def pseudo_label(teacher, input_dir, output_dir, split="train", num_threads=DEFAULT_NUM_THREADS, progress=True):
     """Label every image of ``input_dir`` with ``teacher``; returns the number newly labelled."""
     from mdekd.atomic import atomic_path
     from mdekd.data import list_images, read_rgb
@@ -86,7 +88,7 @@ def _define_flags():
     flags.DEFINE_string("teacher", None, "Trained depth model: .keras or .tflite.", required=True)
     flags.DEFINE_string("input", None, "Folder of photos (recursive, any size).", required=True)
     flags.DEFINE_string("output", None, "Output root (MAI2021 layout, train split).", required=True)
-    flags.DEFINE_integer("num_threads", 2, "LiteRT threads for a .tflite teacher.")
+    flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads for a .tflite teacher.")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@ import sys
 def _define_flags():
     from absl import flags
 
+    from mdekd.models.student import UPSAMPLING_MODES
+
     flags.DEFINE_enum("summary", None, ["student", "teacher"], "Which model to summarise.", required=True)
     flags.DEFINE_integer("height", 480, "Input height (multiple of 32).")
     flags.DEFINE_integer("width", 640, "Input width (multiple of 32).")
     flags.DEFINE_string("encoder", "resnest101", "Teacher encoder: a ResNeSt variant.")
     flags.DEFINE_integer("decoder_channels", 256, "Teacher decoder width.")
     flags.DEFINE_float("alpha", 1.0, "Student MobileNet width multiplier.")
-    flags.DEFINE_enum("upsampling", "bilinear", ["bilinear", "nearest"], "Student decoder upsampling.")
+    flags.DEFINE_enum("upsampling", "bilinear", list(UPSAMPLING_MODES), "Student decoder upsampling.")
 
 
 def main(argv):

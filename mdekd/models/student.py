@@ -18,7 +18,7 @@ import socket
 
 import keras
 
-from mdekd.models.common import BATCHNORM_MOMENTUM, batchnorm_layer, check_input_shape
+from mdekd.models.common import BATCHNORM_MOMENTUM, FEATURE_KEYS, batchnorm_layer, check_input_shape
 from mdekd.models.layers import PositiveDepth
 
 DECODER_WIDTHS = (512, 256, 128, 64, 32)  # design.md §4, fast-depth decode_conv1..5 at α = 1
@@ -27,7 +27,7 @@ ENCODER_OUTPUT = "conv_pw_13_relu"  # (B, H/32, W/32, 1024·α)
 # decoder stage -> MobileNet layer added after that stage's upsampling (fast-depth forward)
 SKIP_TAPS = {2: "conv_pw_5_relu", 3: "conv_pw_3_relu", 4: "conv_pw_1_relu"}
 # decoder stage -> output key of its (post-skip) map
-STAGE_OUTPUTS = {1: "stride16", 2: "stride8", 3: "stride4", 4: "stride2"}
+STAGE_OUTPUTS = dict(enumerate(FEATURE_KEYS, start=1))
 UPSAMPLING_MODES = ("nearest", "bilinear")
 # MobileNet v1 depthwise-separable blocks (pointwise filters at α = 1, depthwise stride), as
 # keras.applications.mobilenet builds them (conv_dw_1 .. conv_dw_13)
