@@ -333,7 +333,7 @@ def format_table(report):
 
 def run(s, command):
     start = time.perf_counter()
-    out = pathlib.Path(s["output_dir"])
+    out = pathlib.Path(s["output_dir"]).resolve()  # runs record absolute model paths
     out.mkdir(parents=True, exist_ok=True)
     root, dataset = prepare_data(s)
     teacher = train_teacher(s, root, dataset, out)
