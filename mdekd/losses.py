@@ -14,6 +14,7 @@ The total distillation objective is
 ``DEFAULT_LAMBDA_SI * L_si + DEFAULT_LAMBDA_GML * L_gml + DEFAULT_LAMBDA_D * Σ_k L_pa(s_k, t_k)``.
 """
 
+import keras
 import tensorflow as tf
 
 from mdekd.constants import MAX_DEPTH, MIN_DEPTH, valid_depth
@@ -255,3 +256,54 @@ def pairwise_distillation_loss(student_features, teacher_features, pool_scale=DE
         affinity_nodes(student_features, pool_size),
         affinity_nodes(tf.stop_gradient(teacher_features), pool_size),
     )
+
+
+class PairwiseAffinityDistillation(keras.distillation.DistillationLoss):
+    """The pairwise loss as a ``keras.distillation.DistillationLoss`` (design.md §1).
+
+    For users of ``keras.distillation.Distiller``: it compares the output of ``teacher_layer_name``
+    in the teacher with that of ``student_layer_name`` in the student (maps of the same H×W).
+    Keras' Distiller requires teacher and student outputs of one shape, so give it the depth-only
+    graphs (``mdekd.models.inference_model``); ``feature_layer_names`` gives the layers behind the
+    ``stride*`` outputs. Our ``mdekd.distill.Distiller`` adds the SI + gradient matching objective,
+    cached targets, response distillation and multi-replica scaling.
+    """
+
+    def __init__(self, teacher_layer_name, student_layer_name, pool_scale=DEFAULT_POOL_SCALE):
+        self.teacher_layer_name = teacher_layer_name
+        self.student_layer_name = student_layer_name
+        self.pool_scale = pool_scale
+
+    def validate_model_compatibility(self, teacher, student):
+        shapes = {}
+        for role, model, name in (("teacher", teacher, self.teacher_layer_name),
+                                  ("student", student, self.student_layer_name)):
+            try:
+                shapes[role] = tuple(model.get_layer(name).output.shape[1:3])
+            except ValueError as error:
+                raise ValueError(f"PairwiseAffinityDistillation: {role} '{model.name}' has no layer "
+                                 f"'{name}' ({error})") from None
+        if shapes["teacher"] != shapes["student"]:
+            raise ValueError(f"PairwiseAffinityDistillation: teacher layer '{self.teacher_layer_name}' "
+                             f"is {shapes['teacher']} but student layer '{self.student_layer_name}' is "
+                             f"{shapes['student']} (H×W must match)")
+
+    def validate_outputs(self, teacher_outputs, student_outputs):
+        pass  # channel counts may differ; H×W is checked in validate_model_compatibility
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        return pairwise_distillation_loss(student_outputs, teacher_outputs, self.pool_scale)
+
+    def get_config(self):
+        return {"teacher_layer_name": self.teacher_layer_name,
+                "student_layer_name": self.student_layer_name, "pool_scale": self.pool_scale}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def feature_layer_names(model):
+    """Name of the layer behind each ``stride*`` output of a student or teacher: dict key -> name."""
+    return {key: tensor._keras_history.operation.name for key, tensor in model.output.items()
+            if key.startswith("stride")}
