@@ -1,4 +1,4 @@
-"""benchmark.ablation in smoke mode: the whole experiment runs and its table has every row."""
+"""benchmark.ablation in smoke mode: every arm of both protocols runs, is reported, and is reused."""
 
 import json
 import pathlib
@@ -6,31 +6,35 @@ import subprocess
 import sys
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARMS = {"label_scarce": ["direct", "paper_kd", "pairwise_best", "response", "pairwise_response"],
+        "paper": ["direct", "paper_kd"]}
 
 
-def test_ablation_smoke_run_reports_every_row_and_resumes(tmp_path):
+def test_ablation_smoke_runs_every_arm_of_both_protocols_and_resumes(tmp_path):
+    results = tmp_path / "results"
     command = [sys.executable, "-m", "benchmark.ablation", "--smoke", f"--output_dir={tmp_path / 'out'}",
-               f"--data_dir={tmp_path / 'scenes'}", "--study=pool_scale=0.25", "--study_seeds=2"]
-    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+               f"--data_dir={tmp_path / 'scenes'}", f"--results_dir={results}"]
+    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    report = json.loads((tmp_path / "out" / "ablation.json").read_text())
-    rows = report["rows"]
-    assert list(rows) == [
-        "teacher", "student, direct training", "student, distillation",
-        "student, distillation, TFLite fp16 (seed 0)", "student, distillation, TFLite int8 (seed 0)",
-        "study: pool_scale=0.25"]
-    assert rows["student, direct training"]["si_rmse"]["n"] == 2
-    assert rows["study: pool_scale=0.25"]["si_rmse"]["n"] == 2
-    # Each run keeps its own files, even when a setting's name holds a dot.
-    assert {p.name for p in (tmp_path / "out").glob("study_*_seed*.json")} == {
-        "study_pool_scale-0.25_seed0.json", "study_pool_scale-0.25_seed1.json"}
-    for row in rows.values():
-        assert 0 < row["si_rmse"]["mean"] < 10
-    table = (tmp_path / "out" / "ablation.md").read_text()
-    assert table.count("\n| ") == len(rows)  # one line per row below the header
+    for protocol, arms in ARMS.items():
+        report = json.loads((results / f"{protocol}.json").read_text())
+        assert report["protocol"] == protocol and report["wall_minutes"] > 0
+        assert report["command"].startswith("python -m benchmark.ablation")
+        assert [arm["name"] for arm in report["arms"]] == arms
+        assert [arm["paper_exact"] for arm in report["arms"]] == [name == "paper_kd" for name in arms]
+        for arm in report["arms"]:
+            assert arm["seeds"] == [0] and len(arm["per_seed_si_rmse"]) == 1
+            assert 0 < arm["per_seed_si_rmse"][0] < 10
+            if arm["name"] != "direct":
+                assert "delta_si_rmse" in arm
+        table = (results / f"{protocol}.md").read_text()
+        assert table.count("\n| ") == len(arms) + 1  # header + one line per arm
+    grid = json.loads((tmp_path / "out" / "affinity_targets.json").read_text())
+    assert set(grid) == {"stride16", "stride8", "stride4", "stride2"}
 
-    # Everything is reused on a second run: no training step is repeated.
+    # Everything is reused on a second run: no network is trained again.
+    before = (results / "label_scarce.json").read_text()
     second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "steps/s" not in second.stderr
-    assert json.loads((tmp_path / "out" / "ablation.json").read_text())["rows"] == rows
+    assert "Epoch" not in second.stdout
+    assert json.loads((results / "label_scarce.json").read_text())["arms"] == json.loads(before)["arms"]
