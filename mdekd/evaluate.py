@@ -67,10 +67,15 @@ def evaluate_model(model, data_dir, dataset="mai2021", split="validation", batch
     for first in tqdm(range(0, len(pairs), batch_size), desc="evaluating", unit="batch",
                       disable=not progress, file=sys.stderr):
         batch = pairs[first : first + batch_size]
-        images = np.stack([resize_image(read_rgb(rgb), runner.input_size) for rgb, _ in batch])
+        originals = [read_rgb(rgb) for rgb, _ in batch]
+        images = np.stack([resize_image(image, runner.input_size) for image in originals])
         predictions = runner.predict(images)
-        for (_, depth_path), prediction in zip(batch, predictions):
+        for (rgb_path, depth_path), original, prediction in zip(batch, originals, predictions):
             truth = read_depth_png(depth_path, depth_scale)
+            if truth.shape[:2] != original.shape[:2]:
+                raise ValueError(f"RGB {rgb_path} is {original.shape[1]}x{original.shape[0]} but its "
+                                 f"depth {depth_path} is {truth.shape[1]}x{truth.shape[0]}; a pair must "
+                                 "share one size")
             prediction = resize_depth(prediction, truth.shape[:2])[..., None]
             accumulator.update(truth, prediction)
             if scaled_accumulator is not None:

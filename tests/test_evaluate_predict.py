@@ -159,3 +159,12 @@ def test_median_scaling_makes_a_scaled_prediction_exact(data_dir):
     truths = [read_depth_png(d, 1e-3) for _, d in list_pairs(data_dir, "validation", "synthetic")]
     expected = depth_metrics(np.stack(truths), np.stack([np.full_like(t, np.median(t[t > 0])) for t in truths]))
     assert scaled["rmse"] == pytest.approx(expected["rmse"], rel=1e-5)
+
+
+def test_evaluation_refuses_a_pair_of_different_sizes_naming_both_files(tmp_path):
+    root = generate_dataset(tmp_path / "pairs", train=0, validation=2, height=64, width=64, seed=2,
+                            workers=1, progress=False)
+    rgb, depth = list_pairs(root, "validation", "synthetic")[1]
+    Image.open(rgb).resize((80, 48)).save(rgb)
+    with pytest.raises(ValueError, match=r"RGB .*000001.png is 80x48 but its depth .*000001.png is 64x64"):
+        evaluate_model(constant_depth_model(), root, "synthetic", "validation")
