@@ -256,11 +256,18 @@ def compute_teacher_targets(distiller, images, batch_size=16):
     Feed them back as ``({"image": images, **targets}, depths)`` to skip the teacher's forward pass
     in every distillation step.
     """
+    return teacher_targets_of_batches(
+        distiller, (images[start:start + batch_size] for start in range(0, len(images), batch_size)))
+
+
+def teacher_targets_of_batches(distiller, batches):
+    """``Distiller.teacher_targets`` of each image batch (B, H, W, 3) of ``batches``, concatenated
+    along the frames in order: dict target name -> numpy array (N, ...)."""
     chunks = {name: [] for name in distiller.target_names}
     step = tf.function(distiller.teacher_targets)
-    for start in range(0, len(images), batch_size):
-        for name, nodes in step(tf.convert_to_tensor(images[start:start + batch_size])).items():
-            chunks[name].append(nodes.numpy())
+    for images in batches:
+        for name, value in step(tf.convert_to_tensor(images)).items():
+            chunks[name].append(value.numpy())
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 

@@ -163,7 +163,7 @@ def validate_config(config):
         if unknown or not config.distill_strides:
             raise ValueError(f"--distill_strides: {list(config.distill_strides)} must be a non-empty "
                              f"subset of {list(distill.DISTILL_STRIDES)}")
-        if config.feature_activation not in ("", "relu"):
+        if (config.feature_activation or None) not in distill.FEATURE_ACTIVATIONS:
             raise ValueError(f"--feature_activation: expected '' or 'relu', got "
                              f"'{config.feature_activation}'")
         if config.teacher_cache and config.augment:
@@ -334,12 +334,8 @@ def _cached_targets(distiller, config, source, make_dataset):
     key = (os.path.realpath(config.teacher), os.path.realpath(source), config.input_shape,
            distiller.target_names, repr(distiller.pool_sizes), distiller.feature_activation)
     if key not in _TARGET_TABLES:
-        step = tf.function(distiller.teacher_targets)
-        chunks = {}
-        for images, _ in make_dataset():
-            for name, value in step(images).items():
-                chunks.setdefault(name, []).append(value.numpy())
-        _TARGET_TABLES[key] = {name: np.concatenate(parts) for name, parts in chunks.items()}
+        _TARGET_TABLES[key] = distill.teacher_targets_of_batches(
+            distiller, (images for images, _ in make_dataset()))
     return {name: tf.Variable(values, trainable=False, name=f"cached_{name}")
             for name, values in _TARGET_TABLES[key].items()}
 
