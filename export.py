@@ -8,13 +8,13 @@ passed the checks of ``mdekd.export`` (builtin ops only, outputs within the mode
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from mdekd import export  # noqa: E402
+from mdekd import export, quantization, run_folder  # noqa: E402
+from mdekd.cli import command  # noqa: E402
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -22,7 +22,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None,
                     "Trained network (.keras). Default: the newest runs/*/best.keras whose run.json "
                     "mode is student or distill.")
-flags.DEFINE_enum("quantize", "none", export.MODES,
+flags.DEFINE_enum("quantize", "none", quantization.NAMES,
                   "none: float32; fp16: float16 weights; dynamic: int8 weights (dynamic range); "
                   "int8: full integer, calibrated on --representative_data (float input/output).")
 flags.DEFINE_string("representative_data", None,
@@ -31,6 +31,9 @@ flags.DEFINE_string("representative_data", None,
 flags.DEFINE_string("dataset", None,
                     "Layout of the data folders (mai2021 | synthetic | folder | kitti | nyu). "
                     "Default: the run's, else mai2021.")
+flags.DEFINE_float("depth_scale", None,
+                   "Metres per stored depth unit of the validation truth (required for --dataset=folder, "
+                   "as in mdekd.evaluate). Default: the run's.")
 flags.DEFINE_integer("num_calibration", export.DEFAULT_NUM_CALIBRATION,
                      "Calibration images (spread evenly over the training images).", lower_bound=1)
 flags.DEFINE_string("validation_data", None,
@@ -40,32 +43,25 @@ flags.DEFINE_string("validation_data", None,
 flags.DEFINE_integer("num_verification", export.DEFAULT_NUM_VERIFICATION,
                      "Held-out images compared with Keras.", lower_bound=1)
 flags.DEFINE_string("output", None,
-                    "Output .tflite path. Default: student_<fp32|fp16|dynamic|int8>.tflite beside the model.")
+                    "Output .tflite path. Default: <student|teacher>_<fp32|fp16|dynamic|int8>.tflite beside the model.")
 flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads for the verification run.", lower_bound=1)
 flags.DEFINE_string("runs_dir", "runs", "Where to look for the newest student when --model is not given.")
 
 
+@command("export.py")
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # TF's converter logs every SavedModel step at INFO
-    try:
-        model = FLAGS.model
-        if model is None:
-            model = export.find_latest_student(FLAGS.runs_dir)
-            print(f"export.py: using the newest trained student {model}")
-        report = export.export_tflite(
-            model, FLAGS.quantize, output=FLAGS.output,
-            representative_data=FLAGS.representative_data, dataset=FLAGS.dataset,
-            num_calibration=FLAGS.num_calibration, validation_data=FLAGS.validation_data,
-            num_verification=FLAGS.num_verification, num_threads=FLAGS.num_threads,
-        )
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        print(f"export.py: error: {error}", file=sys.stderr)
-        return 1
+    model = FLAGS.model
+    if model is None:
+        model = run_folder.find_latest_run(FLAGS.runs_dir)
+        print(f"export.py: using the newest trained student {model}")
+    report = export.export_tflite(
+        model, FLAGS.quantize, output=FLAGS.output,
+        representative_data=FLAGS.representative_data, dataset=FLAGS.dataset,
+        depth_scale=FLAGS.depth_scale,
+        num_calibration=FLAGS.num_calibration, validation_data=FLAGS.validation_data,
+        num_verification=FLAGS.num_verification, num_threads=FLAGS.num_threads,
+    )
     print(export.summarize(report))
-    return 0
 
 
 if __name__ == "__main__":

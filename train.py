@@ -3,21 +3,23 @@
     python train.py --flagfile=configs/quickstart_teacher.cfg
     python train.py --flagfile=configs/quickstart_distill.cfg --teacher=runs/quickstart_teacher/best.keras
 
-Every flag is a field of ``mdekd.training.TrainConfig``; see ``--helpfull``.
+Every flag is a field of ``mdekd.train_config.TrainConfig``; see ``--helpfull``.
 """
 
 import sys
 
 from absl import app, flags
 
-from mdekd import distill, training
+from mdekd import distill, train_config, training
+from mdekd.callbacks import NonFiniteLossError
+from mdekd.cli import command
 from mdekd.models.student import UPSAMPLING_MODES
 from mdekd.schedules import SCHEDULES
 
-_D = training.TrainConfig()
+_D = train_config.TrainConfig()
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("mode", _D.mode, training.MODES,
+flags.DEFINE_enum("mode", _D.mode, train_config.MODES,
                   "teacher: train the teacher alone; student: the student alone (direct training); "
                   "distill: the student from a frozen --teacher.")
 flags.DEFINE_string("output_dir", None, "Run folder (default runs/<mode>).")
@@ -47,7 +49,8 @@ flags.DEFINE_float("lambda_response", _D.lambda_response,
 flags.DEFINE_float("variance_focus", _D.variance_focus,
                    "λ of the SI loss, mean(g²) − λ·mean(g)²: 1 = scale-invariant (the paper's form), "
                    "< 1 also fixes the scale so the network predicts metres.")
-flags.DEFINE_enum("feature_activation", _D.feature_activation, ["", "relu"],
+flags.DEFINE_enum("feature_activation", _D.feature_activation,
+                  ["" if a is None else a for a in distill.FEATURE_ACTIVATIONS],
                   "Compare distilled maps as output ('', the paper) or after a ReLU on both sides.")
 flags.DEFINE_string("unlabeled_dir", _D.unlabeled_dir,
                     "Folder of photos without depth (recursive, any size): distillation terms only.")
@@ -69,7 +72,7 @@ flags.DEFINE_enum("upsampling", _D.upsampling, list(UPSAMPLING_MODES), "Student 
 flags.DEFINE_string("encoder_weights", _D.encoder_weights,
                     "Encoder initialisation: empty (random), 'imagenet', or a weights file.")
 flags.DEFINE_integer("seed", _D.seed, "Random seed (weights, data order, augmentation).")
-flags.DEFINE_enum("distribution", _D.distribution, training.DISTRIBUTIONS,
+flags.DEFINE_enum("distribution", _D.distribution, train_config.DISTRIBUTIONS,
                   "none | mirrored (all local devices) | multi_worker (TF_CONFIG).")
 flags.DEFINE_bool("sync_batch_norm", _D.sync_batch_norm,
                   "Synchronise BatchNormalization moments across replicas when distributing.")
@@ -80,12 +83,12 @@ flags.DEFINE_bool("mixed_precision", _D.mixed_precision,
 def config_from_flags():
     """A ``TrainConfig`` from the parsed flags."""
     try:
-        pool_scale = training.parse_pool_scale(FLAGS.pool_scale)
+        pool_scale = train_config.parse_pool_scale(FLAGS.pool_scale)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
-    values = {field: FLAGS[field].value for field in training.TrainConfig.__dataclass_fields__
+    values = {field: FLAGS[field].value for field in train_config.TrainConfig.__dataclass_fields__
               if field in FLAGS and field not in ("pool_scale", "distill_strides", "output_dir")}
-    return training.TrainConfig(
+    return train_config.TrainConfig(
         **values, pool_scale=pool_scale, distill_strides=tuple(FLAGS.distill_strides),
         output_dir=FLAGS.output_dir or f"runs/{FLAGS.mode}")
 
@@ -96,17 +99,10 @@ def _flags_text():
     return "".join(f"{flag.serialize()}\n" for flag in own if flag.serialize())
 
 
+@command("train.py", errors=(NonFiniteLossError,))
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_from_flags()
-    try:
-        result = training.run_training(config, flags_text=_flags_text())
-    except (ValueError, OSError, training.NonFiniteLossError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 1
+    result = training.run_training(config_from_flags(), flags_text=_flags_text())
     print(f"best: {result['best']}\nlast: {result['last']}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from mdekd.atomic import write_text_atomically
+from mdekd.atomic import prepare_directory, write_text_atomically
+from mdekd.cli import command
 from mdekd.distill import DISTILL_STRIDES
 
 FLAGS = flags.FLAGS
@@ -150,7 +151,7 @@ def label_scarce_split(root, dataset, out, labelled):
 # ---------------------------------------------------------------------------------------- training
 
 def base_config(s, **fields):
-    from mdekd.training import TrainConfig
+    from mdekd.train_config import TrainConfig
 
     return TrainConfig(height=s["height"], width=s["width"], batch_size=s["batch_size"],
                        learning_rate=s["learning_rate"], schedule="onecycle", augment=False,
@@ -333,8 +334,7 @@ def format_table(report):
 
 def run(s, command):
     start = time.perf_counter()
-    out = pathlib.Path(s["output_dir"]).resolve()  # runs record absolute model paths
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_directory(pathlib.Path(s["output_dir"]).resolve(), "--output_dir")  # runs record absolute model paths
     root, dataset = prepare_data(s)
     teacher = train_teacher(s, root, dataset, out)
     _, grid = affinity_targets(s, teacher["model"], root, dataset, out)
@@ -343,9 +343,8 @@ def run(s, command):
             for protocol in s["protocols"]]
 
 
+@command("benchmark.ablation")
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     run(settings(), "python -m benchmark.ablation " + " ".join(sys.argv[1:]))
 
 

@@ -14,18 +14,19 @@ student: fp16 <= 0.1 %, int8 <= 2 %. An untrained (smoke) model says nothing abo
 """
 
 import os
-import sys
 import tempfile
 
 from absl import app, flags
 
 from benchmark import common
+from mdekd.atomic import prepare_directory
+from mdekd.cli import command
+from mdekd.quantization import LABELS, mode_of_label
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS
 
 FLAGS = flags.FLAGS
 
-VARIANTS = ("keras", "fp32", "fp16", "dynamic", "int8")
-EXPORT_MODE = {"fp32": "none", "fp16": "fp16", "dynamic": "dynamic", "int8": "int8"}
+VARIANTS = ("keras", *LABELS)  # keras + the TFLite modes of mdekd.quantization, by label
 # Largest relative si-RMSE increase over Keras, from the issue (trained student, 480×640).
 SI_RMSE_TARGETS = {"fp16": 0.001, "int8": 0.02}
 
@@ -63,11 +64,11 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
             model, size = network, os.path.getsize(model_path)
         else:
             calibration = None
-            if variant == "int8":
+            if mode_of_label(variant).integer_only:
                 paths = export.evenly_spaced(export.image_files(representative_data or data_dir, dataset),
                                              num_calibration)
                 calibration = export.CalibrationImages(paths, input_size)
-            tflite = export.convert(network, EXPORT_MODE[variant], calibration)
+            tflite = export.convert(network, mode_of_label(variant).name, calibration)
             model, size = TFLiteRunner(tflite, num_threads=num_threads), len(tflite)
         log(f"evaluating {variant}")
         evaluation = evaluate_model(model, data_dir, dataset, split, num_threads=num_threads,
@@ -120,40 +121,35 @@ def smoke_inputs(directory):
     return model_path, os.fspath(data_dir)
 
 
+@command("benchmark.accuracy")
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_tensorflow()
-    from mdekd import export
+    from mdekd import run_folder
 
-    try:
-        unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
-        if unknown:
-            raise ValueError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-        with tempfile.TemporaryDirectory(prefix="mdekd-accuracy-") as temporary:
-            if FLAGS.smoke:
-                model, data_dir = smoke_inputs(temporary)
-                dataset, variants, calibration = "synthetic", ["keras", "fp32", "int8"], 4
-                if FLAGS["variants"].present:
-                    variants = FLAGS.variants
-            else:
-                model = FLAGS.model or export.find_latest_student(FLAGS.runs_dir)
-                if not FLAGS.model:
-                    print(f"benchmark.accuracy: using the newest trained student {model}")
-                run = export.read_run_config(model) if os.path.isfile(model) else {}
-                data_dir = FLAGS.data_dir or run.get("data_dir")
-                if data_dir is None:
-                    raise ValueError("--data_dir is required (no run.json data_dir beside the model)")
-                dataset = FLAGS.dataset or run.get("dataset") or "mai2021"
-                variants, calibration = FLAGS.variants, FLAGS.num_calibration
-            benchmark_accuracy(model, data_dir, dataset, FLAGS.split, variants,
-                               representative_data=FLAGS.representative_data, num_calibration=calibration,
-                               num_threads=FLAGS.num_threads, max_images=FLAGS.max_images,
-                               output_dir=FLAGS.output_dir)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"benchmark.accuracy: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    prepare_directory(FLAGS.output_dir, "--output_dir")
+    unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    with tempfile.TemporaryDirectory(prefix="mdekd-accuracy-") as temporary:
+        if FLAGS.smoke:
+            model, data_dir = smoke_inputs(temporary)
+            dataset, variants, calibration = "synthetic", ["keras", "fp32", "int8"], 4
+            if FLAGS["variants"].present:
+                variants = FLAGS.variants
+        else:
+            model = FLAGS.model or run_folder.find_latest_run(FLAGS.runs_dir)
+            if not FLAGS.model:
+                print(f"benchmark.accuracy: using the newest trained student {model}")
+            run = run_folder.read_run_config(model) if os.path.isfile(model) else {}
+            data_dir = FLAGS.data_dir or run.get("data_dir")
+            if data_dir is None:
+                raise ValueError("--data_dir is required (no run.json data_dir beside the model)")
+            dataset = FLAGS.dataset or run.get("dataset") or "mai2021"
+            variants, calibration = FLAGS.variants, FLAGS.num_calibration
+        benchmark_accuracy(model, data_dir, dataset, FLAGS.split, variants,
+                           representative_data=FLAGS.representative_data, num_calibration=calibration,
+                           num_threads=FLAGS.num_threads, max_images=FLAGS.max_images,
+                           output_dir=FLAGS.output_dir)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,41 @@ def quiet_tensorflow():
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
+
+
+def worker_benchmark_main(program, run_benchmark, run_worker):
+    """``main(argv)`` of a benchmark whose measurements run in worker subprocesses: with
+    ``--worker SPEC --worker_output OUT`` it is that worker (``run_worker(SPEC, OUT)``), otherwise it
+    checks ``--output_dir`` and calls ``run_benchmark()``; errors as every CLI (``mdekd.cli``)."""
+    from absl import flags
+
+    from mdekd.atomic import prepare_directory
+    from mdekd.cli import command
+
+    @command(program, errors=(RuntimeError,))
+    def main(argv):
+        FLAGS = flags.FLAGS
+        quiet_tensorflow()
+        if FLAGS.worker:
+            return run_worker(FLAGS.worker, FLAGS.worker_output)
+        prepare_directory(FLAGS.output_dir, "--output_dir")
+        run_benchmark()
+
+    return main
+
+
+def define_network_flags():
+    """The flags that choose the student and teacher a benchmark builds (random weights)."""
+    from absl import flags
+
+    flags.DEFINE_float("student_alpha", 1.0, "MobileNet width multiplier of the student.")
+    flags.DEFINE_string("teacher_encoder", "resnest101", "ResNeSt variant of the teacher.")
+    flags.DEFINE_integer("teacher_decoder_channels", 256, "Teacher decoder width.")
+
+
+def define_worker_flags():
+    """The internal flags of ``worker_benchmark_main``'s worker subprocess."""
+    from absl import flags
+
+    flags.DEFINE_string("worker", None, "(internal) measure the spec JSON of this path in this process.")
+    flags.DEFINE_string("worker_output", None, "(internal) where the worker writes its result.")

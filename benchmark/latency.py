@@ -29,19 +29,18 @@ How it measures:
 
 import json
 import os
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
 from benchmark import common
+from mdekd.quantization import LABELS, mode_of_label
 
 FLAGS = flags.FLAGS
 
 MODEL_NAMES = ("student", "teacher")
-VARIANTS = ("keras", "fp32", "fp16", "dynamic", "int8")
-EXPORT_MODE = {"fp32": "none", "fp16": "fp16", "dynamic": "dynamic", "int8": "int8"}
+VARIANTS = ("keras", *LABELS)  # keras (tf.function) + the TFLite modes of mdekd.quantization, by label
 UPSAMPLING_VARIANTS = ("fp32", "int8")  # nearest vs bilinear student, toolchain.md §5
 # Images per training-mode pass that sets the BN statistics (the teacher's activations at
 # 480×640 take ~1 GB per image in training mode).
@@ -65,17 +64,15 @@ def define_flags():
     flags.DEFINE_integer("warmup", 3, "Untimed runs before timing.", lower_bound=0)
     flags.DEFINE_string("threads", "1,2", "Comma-separated thread counts (LiteRT, TF intra-op, OpenBLAS).")
     flags.DEFINE_bool("compare_upsampling", True, "Also time the student with nearest upsampling (fp32, int8).")
-    flags.DEFINE_float("student_alpha", 1.0, "MobileNet width multiplier of the student.")
-    flags.DEFINE_string("teacher_encoder", "resnest101", "ResNeSt variant of the teacher.")
-    flags.DEFINE_integer("teacher_decoder_channels", 256, "Teacher decoder width.")
     flags.DEFINE_integer("num_calibration", 8, "Synthetic scenes for the int8 calibration.", lower_bound=1)
     flags.DEFINE_integer("sgemm_size", common.SGEMM_SIZE, "Matrix size of the sgemm peak.", lower_bound=64)
     flags.DEFINE_string("output_dir", common.DEFAULT_OUTPUT_DIR, "Where latency.md/.json go.")
     flags.DEFINE_string("work_dir", None, "Keep the converted models here (reused if present); default: a temp dir.")
     flags.DEFINE_bool("smoke", False, "Tiny run: 64x64, student alpha 0.25 (keras, fp32, int8), resnest14 teacher "
                       "(keras, fp32), 2 runs, 1 thread.")
-    flags.DEFINE_string("worker", None, "(internal) time the models of this spec JSON in this process.")
-    flags.DEFINE_string("worker_output", None, "(internal) where the worker writes its timings.")
+    common.define_network_flags()
+    common.define_worker_flags()
+    flags.adopt_module_key_flags(common)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +171,8 @@ def prepare_models(config, work_dir, log=print):
                 if variant == "keras":
                     model.save(path)
                 else:
-                    tflite = export.convert(model, EXPORT_MODE[variant],
-                                            calibration if variant == "int8" else None)
+                    mode = mode_of_label(variant)
+                    tflite = export.convert(model, mode.name, calibration if mode.integer_only else None)
                     export.write_atomically(path, tflite)
                 log(f"prepared {label} {variant} in {time.perf_counter() - start:.0f} s")
             entries.append({
@@ -363,20 +360,9 @@ def config_from_flags():
     return config
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_tensorflow()
-    if FLAGS.worker:
-        run_worker(FLAGS.worker, FLAGS.worker_output)
-        return 0
-    try:
-        config = config_from_flags()
-        benchmark_latency(config, FLAGS.output_dir, FLAGS.work_dir)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"benchmark.latency: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+main = common.worker_benchmark_main(
+    "benchmark.latency", lambda: benchmark_latency(config_from_flags(), FLAGS.output_dir, FLAGS.work_dir),
+    run_worker)
 
 
 if __name__ == "__main__":

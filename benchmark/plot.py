@@ -12,12 +12,12 @@ both. Drawn with Pillow's ImageDraw: matplotlib is not a dependency.
 import json
 import math
 import os
-import sys
 
 from absl import app, flags
 
 from benchmark import common
-from mdekd.atomic import atomic_path
+from mdekd.atomic import atomic_path, prepare_file
+from mdekd.cli import command
 
 FLAGS = flags.FLAGS
 
@@ -150,34 +150,29 @@ def draw_plot(points, title, path):
     return path
 
 
+@command("benchmark.plot", errors=(KeyError,))
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     output = FLAGS.output or os.path.join(FLAGS.results_dir, "latency_vs_si_rmse.png")
-    try:
-        if FLAGS.smoke:
-            points, title = SAMPLE_POINTS, "student: latency vs si-RMSE (sample numbers)"
-        else:
-            payloads = {}
-            for name, path in (("latency", FLAGS.latency_json), ("accuracy", FLAGS.accuracy_json)):
-                path = path or os.path.join(FLAGS.results_dir, f"{name}.json")
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{path} not found: run python -m benchmark.{name} first")
-                with open(path) as f:
-                    payloads[name] = json.load(f)
-            points, threads = collect_points(payloads["latency"], payloads["accuracy"], FLAGS.threads)
-            config = payloads["latency"].get("config", {})
-            title = (f"student at {config.get('height')}x{config.get('width')}, {threads} thread"
-                     f"{'s' if threads > 1 else ''}: latency vs si-RMSE")
-        draw_plot(points, title, output)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"benchmark.plot: error: {error}", file=sys.stderr)
-        return 1
+    prepare_file(output, "--output")
+    if FLAGS.smoke:
+        points, title = SAMPLE_POINTS, "student: latency vs si-RMSE (sample numbers)"
+    else:
+        payloads = {}
+        for name, path in (("latency", FLAGS.latency_json), ("accuracy", FLAGS.accuracy_json)):
+            path = path or os.path.join(FLAGS.results_dir, f"{name}.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found: run python -m benchmark.{name} first")
+            with open(path) as f:
+                payloads[name] = json.load(f)
+        points, threads = collect_points(payloads["latency"], payloads["accuracy"], FLAGS.threads)
+        config = payloads["latency"].get("config", {})
+        title = (f"student at {config.get('height')}x{config.get('width')}, {threads} thread"
+                 f"{'s' if threads > 1 else ''}: latency vs si-RMSE")
+    draw_plot(points, title, output)
     print(common.markdown_table(["variant", "latency ms", "si_rmse"],
                                 [[p["variant"], common.fmt(p["latency_ms"], 1), common.fmt(p["si_rmse"], 4)]
                                  for p in points]))
     print(f"wrote {output}")
-    return 0
 
 
 if __name__ == "__main__":

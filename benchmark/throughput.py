@@ -21,7 +21,6 @@ How it measures:
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
@@ -51,14 +50,12 @@ def define_flags():
     flags.DEFINE_string("data_dir", None, "Dataset root; default: synthetic scenes in a temp dir.")
     flags.DEFINE_string("dataset", "mai2021", "Layout of --data_dir.")
     flags.DEFINE_bool("augment", True, "Augmentation in the pipeline configuration (as in training).")
-    flags.DEFINE_float("student_alpha", 1.0, "MobileNet width multiplier of the student.")
-    flags.DEFINE_string("teacher_encoder", "resnest101", "ResNeSt variant of the teacher.")
-    flags.DEFINE_integer("teacher_decoder_channels", 256, "Teacher decoder width.")
     flags.DEFINE_integer("threads", 0, "TF intra-op threads (0: TF's default, all cores).", lower_bound=0)
     flags.DEFINE_string("output_dir", common.DEFAULT_OUTPUT_DIR, "Where throughput.md/.json go.")
     flags.DEFINE_bool("smoke", False, "Tiny run: 64x64, batch 2, alpha 0.25, resnest14 teacher, 2 steps.")
-    flags.DEFINE_string("worker", None, "(internal) measure the configuration of this spec JSON here.")
-    flags.DEFINE_string("worker_output", None, "(internal) where the worker writes its result.")
+    common.define_network_flags()
+    common.define_worker_flags()
+    flags.adopt_module_key_flags(common)
 
 
 def peak_rss_mb():
@@ -176,19 +173,9 @@ def config_from_flags():
     return config
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_tensorflow()
-    if FLAGS.worker:
-        run_worker(FLAGS.worker, FLAGS.worker_output)
-        return 0
-    try:
-        benchmark_throughput(config_from_flags(), FLAGS.output_dir)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"benchmark.throughput: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+main = common.worker_benchmark_main(
+    "benchmark.throughput", lambda: benchmark_throughput(config_from_flags(), FLAGS.output_dir),
+    run_worker)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,32 @@ def replace_directory(source, destination):
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     else:
         os.replace(source, destination)
+
+
+def prepare_directory(path, flag):
+    """Create the folder ``path`` (and parents) and prove it writable, before any long work.
+
+    PermissionError naming ``flag`` and the path when it exists as a file, cannot be created or
+    is not writable, so every CLI reports an unusable output in one line.
+    """
+    path = pathlib.Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".{os.getpid()}.probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+        reason = error.strerror if blocking is None else f"'{blocking}' is a file"
+        raise PermissionError(f"{flag}: cannot write to '{path}': {reason}") from error
+    return path
+
+
+def prepare_file(path, flag):
+    """``prepare_directory`` for the folder of the file ``path``; also refuses a ``path`` that is
+    an existing folder. Returns ``path``."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise PermissionError(f"{flag}: cannot write the file '{path}': it is a folder")
+    prepare_directory(path.parent if str(path.parent) else ".", flag)
+    return path

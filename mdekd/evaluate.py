@@ -17,6 +17,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from mdekd.atomic import prepare_file
+from mdekd.cli import command
 from mdekd.constants import valid_depth
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS, load_depth_runner
 
@@ -117,31 +119,25 @@ def write_json(path, payload):
     write_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
+@command("mdekd.evaluate")
 def main(argv):
-    from absl import app, flags, logging
+    from absl import flags
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
     layout_options = {} if FLAGS.depth_scale is None else {"depth_scale": FLAGS.depth_scale}
-    try:
-        result = evaluate_model(FLAGS.model, FLAGS.data_dir, FLAGS.dataset, FLAGS.split,
-                                batch_size=FLAGS.batch_size, num_threads=FLAGS.num_threads,
-                                max_images=FLAGS.max_images, progress=True,
-                                median_scaling=FLAGS.median_scaling, **layout_options)
-        print(format_result(result))
-        print(f"{result['num_valid_images']} of {result['num_images']} images with valid depth, "
-              f"{FLAGS.split} split of {FLAGS.data_dir} ({FLAGS.dataset}), {result['format']} "
-              f"model at {result['input_size'][0]}x{result['input_size'][1]}, {result['seconds']:.1f} s")
-        if FLAGS.json:
-            write_json(FLAGS.json, result)
-            print(f"wrote {FLAGS.json}")
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        print(f"mdekd.evaluate: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    if FLAGS.json:
+        prepare_file(FLAGS.json, "--json")  # before minutes of evaluation, not after
+    result = evaluate_model(FLAGS.model, FLAGS.data_dir, FLAGS.dataset, FLAGS.split,
+                            batch_size=FLAGS.batch_size, num_threads=FLAGS.num_threads,
+                            max_images=FLAGS.max_images, progress=True,
+                            median_scaling=FLAGS.median_scaling, **layout_options)
+    print(format_result(result))
+    print(f"{result['num_valid_images']} of {result['num_images']} images with valid depth, "
+          f"{FLAGS.split} split of {FLAGS.data_dir} ({FLAGS.dataset}), {result['format']} "
+          f"model at {result['input_size'][0]}x{result['input_size'][1]}, {result['seconds']:.1f} s")
+    if FLAGS.json:
+        write_json(FLAGS.json, result)
+        print(f"wrote {FLAGS.json}")
 
 
 def _define_flags():

@@ -3,18 +3,12 @@
 design.md §5. The depth-only inference graph (``mdekd.models.inference_model``) is converted at the
 model's fixed input size with ``tf.lite.TFLiteConverter.from_keras_model`` (toolchain.md §2: the
 route that keeps the weights; ``from_concrete_functions`` with a ``trackable_obj`` writes a model
-without weights that outputs NaN). Modes:
-
-=========  =============================================================================
-``none``   float32 (labelled ``fp32``)
-``fp16``   float16 weights (dequantised to float32 on a CPU, toolchain.md §8)
-``dynamic`` int8 weights, float activations (dynamic-range quantisation)
-``int8``   full integer, activations calibrated on training images; float input/output kept
-=========  =============================================================================
+without weights that outputs NaN). The modes (``none``/fp32, ``fp16``, ``dynamic``, ``int8``) and
+their gates are the table of ``mdekd.quantization``.
 
 Every conversion is then loaded with LiteRT (XNNPACK, explicit thread count), refused if it holds
 a CUSTOM or Flex op (toolchain.md §3: the pip runtime cannot run them), run on held-out images and
-compared with the Keras model. Only a model within its mode's ``TOLERANCES`` is written, atomically
+compared with the Keras model. Only a model within its mode's tolerance is written, atomically
 (``mdekd.atomic``), with a JSON report beside it (``<output>.json``).
 """
 
@@ -30,68 +24,17 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from mdekd.atomic import write_bytes_atomically
-from mdekd.predict import IMAGE_SUFFIXES
+from mdekd import run_folder
+from mdekd.atomic import prepare_file, write_bytes_atomically
+from mdekd.quantization import configure_converter, get_mode
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS, TFLiteRunner, depth_only_model, load_keras_model
 
-MODES = ("none", "fp16", "dynamic", "int8")
-MODE_LABELS = {"none": "fp32", "fp16": "fp16", "dynamic": "dynamic", "int8": "int8"}
 DEFAULT_NUM_CALIBRATION = 100  # toolchain.md §9: calibrate int8 on >= 100 real training images
 DEFAULT_NUM_VERIFICATION = 16
-STUDENT_RUN_MODES = ("student", "distill")  # run.json "mode" of runs whose network is a student
 
 
 class ExportError(ValueError):
     """A conversion that must not be written: forbidden ops, or outputs outside the tolerance."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    """Largest accepted TFLite-vs-Keras disagreement of one mode (depth in metres, > 0).
-
-    Errors are per pixel and relative, r = |d_tflite − d_keras| / d_keras (depth is > 0 by
-    construction), so they do not depend on the scene's scale: ``mean_relative`` bounds the mean
-    of r, ``p99_relative`` its 99th percentile, ``max_relative`` its maximum (None: not gated).
-    With ground truth, the design.md §2 metrics of both models are compared too: ``metric_drift``
-    bounds |m_tflite − m_keras| / m_keras for si_rmse and abs_rel, and ``delta1_drop`` bounds how
-    much δ<1.25 may fall (absolute fraction of pixels).
-    """
-
-    mean_relative: float
-    p99_relative: float
-    max_relative: float | None
-    metric_drift: float
-    delta1_drop: float
-
-
-# Why these numbers (measured at 128×160 on a student trained 96 steps on synthetic scenes, and
-# on random students). fp32 differs from Keras by summation order only: ~1e-7 relative on a
-# trained or freshly initialised student, 2.5e-5 mean / 3.7e-4 max on a random one whose
-# BatchNorm statistics were set from images (random weights with normalised activations amplify
-# rounding layer by layer); the gates leave >= 4× margin and are 1000× below a wrong weight or op.
-# fp16 weights carry 2^-11 ≈ 5e-4 relative rounding each: 0.2 % mean error measured; gate 1 %.
-# Dynamic-range and int8 add quantisation noise: int8 measured 4.6 % mean, 20 % at p99 and 64 %
-# at worst (a far pixel beyond the calibrated output range; the int8 output has 256 levels),
-# with si-RMSE unchanged (-0.05 %): so int8/dynamic gate the mean (15 %) and p99 (50 %), not the
-# maximum. A broken conversion (saturated activation ranges, inputs in 0-255 instead of [0, 1],
-# a mis-scaled head) errs by tens of per cent to 100 % on most pixels. These are sanity gates that
-# must also pass on untrained networks and a few images: the accuracy targets (int8 <= 2 %,
-# fp16 <= 0.1 % relative si-RMSE on a trained student) are measured by ``benchmark.accuracy``.
-TOLERANCES = {
-    "none": Tolerance(mean_relative=1e-4, p99_relative=1e-3, max_relative=1e-2,
-                      metric_drift=1e-3, delta1_drop=1e-3),
-    "fp16": Tolerance(mean_relative=1e-2, p99_relative=5e-2, max_relative=0.25,
-                      metric_drift=1e-2, delta1_drop=1e-2),
-    "dynamic": Tolerance(mean_relative=0.15, p99_relative=0.5, max_relative=None,
-                         metric_drift=0.10, delta1_drop=0.05),
-    "int8": Tolerance(mean_relative=0.15, p99_relative=0.5, max_relative=None,
-                      metric_drift=0.10, delta1_drop=0.05),
-}
-
-
-def _check_mode(mode):
-    if mode not in MODES:
-        raise ValueError(f"quantize mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,18 +49,19 @@ def image_files(directory, dataset=None):
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"--representative_data: no such folder: {directory}")
+    from mdekd.data import IMAGE_EXTENSIONS, list_images, list_pairs
+
     candidates = [os.path.join(directory, "train", "rgb"), os.path.join(directory, "rgb"), directory]
     for folder in candidates:
         if os.path.isdir(folder):
-            names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
-            if names:
-                return [os.path.join(folder, n) for n in names]
+            try:
+                return list_images(folder, flag="--representative_data", recursive=False)
+            except ValueError:
+                continue  # no image directly in this folder: try the next candidate
     if dataset is not None and os.path.isdir(os.path.join(directory, "train")):
-        from mdekd.data import list_pairs
-
         return [rgb for rgb, _ in list_pairs(directory, "train", dataset)]
     raise ValueError(
-        f"--representative_data: no images ({', '.join(IMAGE_SUFFIXES)}) in "
+        f"--representative_data: no images ({', '.join(IMAGE_EXTENSIONS)}) in "
         f"{' or '.join(c for c in candidates)}"
     )
 
@@ -171,45 +115,38 @@ class CalibrationImages:
 
 @dataclasses.dataclass
 class VerificationData:
-    """Held-out images at the model size (N, H, W, 3) in [0, 1], optional truth (N, H, W, 1) metres."""
+    """Held-out images at the model size (N, H, W, 3) in [0, 1], where they came from, and the
+    dataset root whose split they are (``split_root``; None for loose images or noise)."""
 
     images: np.ndarray
-    depths: np.ndarray = None
     source: str = "random"
+    split_root: str = None
 
 
 def verification_data(input_size, data_dir=None, dataset="mai2021", split="validation",
-                      count=DEFAULT_NUM_VERIFICATION, seed=0):
-    """Held-out images for ``verify``: the ``split`` pairs of ``data_dir`` (with truth) when it
-    has that split, else the image files of ``data_dir`` (no truth), else seeded uniform noise.
-
-    Images are resized (bilinear) to ``input_size``; truth is resized with nearest neighbour so
-    no invalid (0) pixel is blended. Only the Keras/TFLite *difference* is judged, at model size.
+                      count=DEFAULT_NUM_VERIFICATION, seed=0, **layout_options):
+    """Held-out images for ``verify``: the ``split`` pairs of ``data_dir`` when it has that split,
+    else the image files of ``data_dir``, else seeded uniform noise; resized (bilinear) to
+    ``input_size``. Only the Keras/TFLite *difference* is judged on them, at model size; the
+    metrics are compared by ``compare_metrics`` at the truth's own size.
     """
-    import tensorflow as tf
-
-    from mdekd.data import list_pairs, read_depth_png, read_rgb, resolve_layout
+    from mdekd.data import list_pairs, read_rgb
     from mdekd.predict import resize_image
 
     if data_dir is not None:
         data_dir = os.fspath(data_dir)
         if os.path.isdir(os.path.join(data_dir, split)):
-            pairs = evenly_spaced(list_pairs(data_dir, split, dataset), count)
-            scale = resolve_layout(dataset).depth_scale or 1e-3
+            pairs = evenly_spaced(list_pairs(data_dir, split, dataset, **layout_options), count)
             images = np.stack([resize_image(read_rgb(rgb), input_size) for rgb, _ in pairs])
-            depths = np.stack([
-                tf.image.resize(read_depth_png(depth, scale), input_size, method="nearest").numpy()
-                for _, depth in pairs
-            ])
-            return VerificationData(images, depths, f"{data_dir}/{split} ({len(pairs)} pairs)")
+            return VerificationData(images, f"{data_dir}/{split} ({len(pairs)} pairs)", data_dir)
         if os.path.isdir(data_dir):
             paths = evenly_spaced(image_files(data_dir), count)
             images = np.stack([resize_image(read_rgb(p), input_size) for p in paths])
-            return VerificationData(images, None, f"{data_dir} ({len(paths)} images, no truth)")
+            return VerificationData(images, f"{data_dir} ({len(paths)} images, no truth)")
         raise FileNotFoundError(f"--validation_data: no such folder: {data_dir}")
     rng = np.random.default_rng(seed)
     images = rng.random((min(count, 4), *input_size, 3), dtype=np.float32)
-    return VerificationData(images, None, f"uniform noise ({len(images)} images, seed {seed})")
+    return VerificationData(images, f"uniform noise ({len(images)} images, seed {seed})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,17 +157,12 @@ def convert(model, mode, representative_images=None):
     """Convert a Keras depth model to a TFLite flatbuffer (bytes).
 
     model: ``keras.Model`` with a fixed (H, W, 3) input; dict outputs are reduced to ``depth``.
-    mode: one of ``MODES``. representative_images: for ``int8`` only (required): an iterable of
-    (H, W, 3) or (1, H, W, 3) float32 images in [0, 1] at the model size, iterated once.
+    mode: a ``mdekd.quantization`` mode name. representative_images: for ``int8`` only (required):
+    an iterable of (H, W, 3) or (1, H, W, 3) float32 images in [0, 1] at the model size, iterated once.
     """
     import tensorflow as tf
 
-    _check_mode(mode)
-    if mode == "int8" and representative_images is None:
-        raise ValueError(
-            "--quantize int8 needs representative data (training images) for the activation "
-            "ranges: pass --representative_data DIR"
-        )
+    quant_mode = get_mode(mode)
     network = depth_only_model(model)
     shape = tuple(network.input_shape)
     if len(shape) != 4 or None in shape[1:]:
@@ -238,19 +170,13 @@ def convert(model, mode, representative_images=None):
             f"export needs a fixed input size (None, H, W, 3); model {network.name!r} has {shape} "
             f"(toolchain.md §1). Rebuild it with input_shape=(H, W, 3) and copy the weights."
         )
-    converter = tf.lite.TFLiteConverter.from_keras_model(network)
-    if mode in ("fp16", "dynamic", "int8"):
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "fp16":
-        converter.target_spec.supported_types = [tf.float16]
-    if mode == "int8":
-        def representative_dataset():
-            for image in representative_images:
-                yield [np.asarray(image, dtype=np.float32).reshape((1, *shape[1:]))]
+    def representative_dataset():
+        for image in representative_images:
+            yield [np.asarray(image, dtype=np.float32).reshape((1, *shape[1:]))]
 
-        converter.representative_dataset = representative_dataset
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        # float32 input and output are kept (the converter's default): callers feed [0, 1] images.
+    converter = tf.lite.TFLiteConverter.from_keras_model(network)
+    configure_converter(converter, quant_mode,
+                        None if representative_images is None else representative_dataset)
     # Keras' export prints "Saved artifact at ..." and a list of captures on stdout.
     with contextlib.redirect_stdout(io.StringIO()):
         return converter.convert()
@@ -326,24 +252,23 @@ def relative_errors(reference, candidate):
     }
 
 
-def verify(tflite_bytes, keras_model, images, depths=None, mode="none",
-           num_threads=DEFAULT_NUM_THREADS, tolerance=None):
+def verify(tflite_bytes, keras_model, images, mode="none", num_threads=DEFAULT_NUM_THREADS,
+           tolerance=None):
     """Check a converted model against its Keras source; returns the report, raises ExportError.
 
-    images: (N, H, W, 3) float32 [0, 1] at the model size; depths: optional (N, H, W, 1) metres
-    truth (0 = invalid) for the design.md §2 metrics of both models. ``tolerance`` defaults to
-    ``TOLERANCES[mode]``. Raises ExportError naming every failed check.
+    Refuses CUSTOM/Flex ops, then compares the two models per pixel on ``images`` ((N, H, W, 3)
+    float32 [0, 1] at the model size). ``tolerance`` defaults to the mode's
+    (``mdekd.quantization``). Raises ExportError naming every failed check.
     """
-    from mdekd.metrics import depth_metrics
     from mdekd.tflite_runner import KerasRunner
 
-    _check_mode(mode)
-    tolerance = tolerance or TOLERANCES[mode]
+    quant_mode = get_mode(mode)
+    tolerance = tolerance or quant_mode.tolerance
     ops = list_ops(tflite_bytes)
     bad_ops = forbidden_ops(ops)
     if bad_ops:
         raise ExportError(
-            f"the {MODE_LABELS[mode]} conversion contains ops the LiteRT runtime cannot run: "
+            f"the {quant_mode.label} conversion contains ops the LiteRT runtime cannot run: "
             f"{', '.join(bad_ops)} (toolchain.md §3); only builtin ops are accepted"
         )
     runner = TFLiteRunner(tflite_bytes, num_threads=num_threads)
@@ -356,7 +281,7 @@ def verify(tflite_bytes, keras_model, images, depths=None, mode="none",
     reference = keras_runner.predict(images)
     candidate = runner.predict(images)
     report = {
-        "mode": MODE_LABELS[mode],
+        "mode": quant_mode.label,
         "num_threads": int(num_threads),
         "num_images": int(len(images)),
         "ops": ops,
@@ -371,28 +296,45 @@ def verify(tflite_bytes, keras_model, images, depths=None, mode="none",
                        ("max_relative_diff", tolerance.max_relative)):
         if limit is not None and not report[key] <= limit:
             failures.append(f"{key} {report[key]:.3g} > {limit:.3g}")
-    if depths is not None:
-        keras_metrics = depth_metrics(depths, reference)
-        tflite_metrics = depth_metrics(depths, candidate)
-        drift = {
-            name: abs(tflite_metrics[name] - keras_metrics[name]) / max(abs(keras_metrics[name]), 1e-12)
-            for name in ("si_rmse", "abs_rel")
-        }
-        drift["delta1_drop"] = keras_metrics["delta1"] - tflite_metrics["delta1"]
-        report["metrics"] = {"keras": keras_metrics, "tflite": tflite_metrics, "drift": drift}
-        for name in ("si_rmse", "abs_rel"):
-            if not (math.isnan(keras_metrics[name]) or drift[name] <= tolerance.metric_drift):
-                failures.append(f"{name} drift {drift[name]:.3g} > {tolerance.metric_drift:.3g} "
-                                f"(keras {keras_metrics[name]:.4f}, tflite {tflite_metrics[name]:.4f})")
-        if drift["delta1_drop"] > tolerance.delta1_drop:
-            failures.append(f"delta1 drop {drift['delta1_drop']:.3g} > {tolerance.delta1_drop:.3g}")
     report["passed"] = not failures
     if failures:
         raise ExportError(
-            f"the {MODE_LABELS[mode]} TFLite model disagrees with Keras on {len(images)} images: "
+            f"the {quant_mode.label} TFLite model disagrees with Keras on {len(images)} images: "
             + "; ".join(failures) + "; nothing was written"
         )
     return report
+
+
+def compare_metrics(tflite_bytes, keras_model, data_dir, dataset="mai2021", mode="none",
+                    num_images=DEFAULT_NUM_VERIFICATION, num_threads=DEFAULT_NUM_THREADS,
+                    tolerance=None, **layout_options):
+    """design.md §2 metrics of both models on the first ``num_images`` validation pairs of
+    ``data_dir``, by ``mdekd.evaluate.evaluate_model`` (each truth at its own size); returns
+    ``{"keras", "tflite", "drift"}``, raises ExportError if the TFLite metrics drift beyond the
+    mode's tolerance."""
+    from mdekd.evaluate import evaluate_model
+
+    quant_mode = get_mode(mode)
+    tolerance = tolerance or quant_mode.tolerance
+    options = dict(dataset=dataset, max_images=num_images, num_threads=num_threads, **layout_options)
+    keras_metrics = evaluate_model(keras_model, data_dir, **options)["metrics"]
+    tflite_metrics = evaluate_model(TFLiteRunner(tflite_bytes, num_threads=num_threads), data_dir,
+                                    **options)["metrics"]
+    drift = {
+        name: abs(tflite_metrics[name] - keras_metrics[name]) / max(abs(keras_metrics[name]), 1e-12)
+        for name in ("si_rmse", "abs_rel")
+    }
+    drift["delta1_drop"] = keras_metrics["delta1"] - tflite_metrics["delta1"]
+    failures = [f"{name} drift {drift[name]:.3g} > {tolerance.metric_drift:.3g} (keras "
+                f"{keras_metrics[name]:.4f}, tflite {tflite_metrics[name]:.4f})"
+                for name in ("si_rmse", "abs_rel")
+                if not (math.isnan(keras_metrics[name]) or drift[name] <= tolerance.metric_drift)]
+    if drift["delta1_drop"] > tolerance.delta1_drop:
+        failures.append(f"delta1 drop {drift['delta1_drop']:.3g} > {tolerance.delta1_drop:.3g}")
+    if failures:
+        raise ExportError(f"the {quant_mode.label} TFLite model's metrics on {data_dir} drift from "
+                          "Keras': " + "; ".join(failures) + "; nothing was written")
+    return {"keras": keras_metrics, "tflite": tflite_metrics, "drift": drift}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,101 +346,69 @@ def write_atomically(path, data):
     write_bytes_atomically(path, data.encode() if isinstance(data, str) else data)
 
 
-def check_output_writable(output):
-    """Create the output folder if needed and check it is writable, before any long work."""
-    directory = os.path.dirname(os.path.abspath(os.fspath(output)))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--output: cannot create the folder {directory} ({error.strerror})") from error
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"--output: the folder {directory} is not writable")
-
-
-def read_run_config(model_path):
-    """The ``run.json`` beside a trained model, or {} if there is none."""
-    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "run.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a readable run.json ({error})") from error
-
-
-def find_latest_student(runs_dir="runs"):
-    """Newest ``<runs_dir>/*/best.keras`` whose run.json mode is student or distill."""
-    runs_dir = os.fspath(runs_dir)
-    candidates = []
-    if os.path.isdir(runs_dir):
-        for name in os.listdir(runs_dir):
-            model = os.path.join(runs_dir, name, "best.keras")
-            if not os.path.isfile(model):
-                continue
-            try:
-                mode = read_run_config(model).get("mode")
-            except ValueError:
-                continue
-            if mode in STUDENT_RUN_MODES:
-                candidates.append((os.path.getmtime(model), model))
-    if not candidates:
-        raise FileNotFoundError(
-            f"no trained student found: no {runs_dir}/*/best.keras with a run.json whose mode is "
-            f"{' or '.join(STUDENT_RUN_MODES)}; pass --model"
-        )
-    return max(candidates)[1]
-
-
 def default_output_path(model_path, mode):
-    """``<model folder>/student_<label>.tflite``."""
-    return os.path.join(os.path.dirname(os.path.abspath(model_path)), f"student_{MODE_LABELS[mode]}.tflite")
+    """``<model folder>/<teacher|student>_<label>.tflite``, the network kind from its run.json."""
+    kind = run_folder.network_kind(run_folder.read_run_config(model_path))
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)), f"{kind}_{get_mode(mode).label}.tflite")
 
 
 def export_tflite(model_path, mode, output=None, representative_data=None, dataset=None,
-                  num_calibration=DEFAULT_NUM_CALIBRATION, validation_data=None,
+                  depth_scale=None, num_calibration=DEFAULT_NUM_CALIBRATION, validation_data=None,
                   num_verification=DEFAULT_NUM_VERIFICATION, num_threads=DEFAULT_NUM_THREADS,
                   progress=True, log=print):
     """Convert, verify and write ``model_path`` (.keras) as a TFLite model; returns the report.
 
-    Missing data folders and the dataset come from the run.json beside the model (``data_dir``,
-    ``dataset``) when there is one. ``output`` defaults to ``default_output_path``; the report is
-    written to ``<output>.json``. Nothing is written if anything fails.
+    Missing data folders, the dataset and its depth scale come from the run.json beside the model
+    (``data_dir``, ``dataset``, ``depth_scale``) when there is one; ``depth_scale`` (metres per
+    stored unit) is required to score a ``folder`` dataset, as in ``mdekd.evaluate``. ``output``
+    defaults to ``default_output_path``; the report is written to ``<output>.json``. Nothing is
+    written if anything fails.
     """
-    _check_mode(mode)
+    from mdekd.data import resolve_layout
+
+    quant_mode = get_mode(mode)
     model_path = os.fspath(model_path)
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"--model: Keras model not found: {model_path}")
-    run = read_run_config(model_path)
+    run = run_folder.read_run_config(model_path)
     dataset = dataset or run.get("dataset") or "mai2021"
-    if representative_data is None and mode == "int8":
+    depth_scale = depth_scale if depth_scale is not None else run.get("depth_scale")
+    layout = {} if depth_scale is None else {"depth_scale": depth_scale}
+    if representative_data is None and quant_mode.integer_only:
         representative_data = run.get("data_dir")
     if validation_data is None:
         validation_data = run.get("data_dir")
-    if mode == "int8" and representative_data is None:
+    if quant_mode.integer_only and representative_data is None:
         raise ValueError(
-            "--quantize int8 needs representative data (training images) for the activation ranges: "
+            f"--quantize {mode} needs representative data (training images) for the activation ranges: "
             "pass --representative_data DIR (a dataset root with train/rgb, or a folder of images)"
         )
     output = os.fspath(output) if output else default_output_path(model_path, mode)
-    check_output_writable(output)
+    prepare_file(output, "--output")
     calibration_paths = None
-    if mode == "int8":
+    if quant_mode.integer_only:
         calibration_paths = evenly_spaced(image_files(representative_data, dataset), num_calibration)
         check_images(calibration_paths)  # a stray non-image fails now, not minutes into conversion
 
     model = load_keras_model(model_path)
     network = depth_only_model(model)
     input_size = tuple(network.input_shape[1:3])
+    data = verification_data(input_size, validation_data, dataset, count=num_verification, **layout)
+    if data.split_root is not None and resolve_layout(dataset, **layout).depth_scale is None:
+        raise ValueError(f"--depth_scale: dataset {dataset!r} needs the metres per stored depth unit "
+                         f"to score the truth of {data.split_root}")
     calibration = None
     if calibration_paths is not None:
         calibration = CalibrationImages(calibration_paths, input_size, progress=progress)
         log(f"calibrating int8 on {len(calibration)} images from {representative_data}")
     tflite_bytes = convert(network, mode, calibration)
 
-    data = verification_data(input_size, validation_data, dataset, count=num_verification)
-    log(f"verifying the {MODE_LABELS[mode]} model against Keras on {data.source}")
-    report = verify(tflite_bytes, network, data.images, data.depths, mode=mode, num_threads=num_threads)
+    log(f"verifying the {quant_mode.label} model against Keras on {data.source}")
+    report = verify(tflite_bytes, network, data.images, mode=mode, num_threads=num_threads)
+    if data.split_root is not None:
+        report["metrics"] = compare_metrics(tflite_bytes, network, data.split_root, dataset, mode=mode,
+                                            num_images=num_verification, num_threads=num_threads,
+                                            **layout)
     report.update({
         "source_model": os.path.abspath(model_path),
         "output": os.path.abspath(output),

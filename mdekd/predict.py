@@ -11,27 +11,15 @@ input's H×W (the same rule as ``mdekd.evaluate``). Written per image
 """
 
 import os
-import sys
 
 import numpy as np
 
+from mdekd.cli import command
 from mdekd.constants import valid_depth
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what mdekd.data.read_rgb reads (8-bit PNG/JPEG)
 MILLIMETRES_PER_METRE = 1000.0  # design.md §3: MAI2021 depth PNGs are uint16 millimetres
 UINT16_MAX = 65535
-
-
-def list_images(path):
-    """Sorted image files of a folder (by suffix), or ``[path]`` for a single file."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
-        return [os.path.join(path, n) for n in names]
-    if os.path.isfile(path):
-        return [path]
-    raise FileNotFoundError(f"--input: no such file or folder: {path}")
 
 
 def resize_image(image, size):
@@ -125,35 +113,29 @@ def save_png(path, array):
         Image.fromarray(array).save(temporary, format="PNG")
 
 
-def find_depth_file(depth_dir, image_path):
-    """The truth file of ``image_path`` in ``depth_dir``: same file stem, PNG (MAI2021 pairing)."""
-    stem = os.path.splitext(os.path.basename(image_path))[0]
-    candidate = os.path.join(depth_dir, stem + ".png")
-    if not os.path.isfile(candidate):
-        raise FileNotFoundError(
-            f"--depth_dir: no depth file for {image_path} (expected {candidate})"
-        )
-    return candidate
+def predict_files(model, inputs, output_dir, depth_dir=None, dataset="mai2021", depth_scale=None,
+                  num_threads=DEFAULT_NUM_THREADS, log=print):
+    """Predict every image of ``inputs`` (a file, or the images directly in a folder) and write the
+    PNGs into ``output_dir``.
 
-
-def predict_files(model, inputs, output_dir, depth_dir=None, depth_scale=1e-3, num_threads=DEFAULT_NUM_THREADS,
-                  log=print):
-    """Predict every image of ``inputs`` (file or folder) and write the PNGs into ``output_dir``.
-
-    Returns a list of dicts (input, size, written files). ``depth_scale``: metres per stored unit
-    of the truth PNGs (1e-3 for millimetres).
+    Returns a list of dicts (input, size, written files). A truth file in ``depth_dir`` pairs with
+    an image by ``dataset``'s layout rule (``mdekd.data.depth_file_for``; MAI2021: the same stem,
+    PNG); ``depth_scale``: metres per stored unit, default the layout's (1e-3 for millimetres).
     """
     from mdekd.colormap import colorize_depth
-    from mdekd.data import read_depth_png, read_rgb
+    from mdekd.data import depth_file_for, list_images, read_depth_png, read_rgb, resolve_layout
+    from mdekd.atomic import prepare_directory
     from mdekd.tflite_runner import load_depth_runner
 
-    paths = list_images(inputs)
-    if not paths:
-        raise FileNotFoundError(f"--input: no images ({', '.join(IMAGE_SUFFIXES)}) in {inputs}")
-    if depth_dir is not None and not os.path.isdir(depth_dir):
-        raise FileNotFoundError(f"--depth_dir: no such folder: {depth_dir}")
+    paths = list_images(inputs, flag="--input", recursive=False)
+    layout = resolve_layout(dataset, **({} if depth_scale is None else {"depth_scale": depth_scale}))
+    if depth_dir is not None:
+        if not os.path.isdir(depth_dir):
+            raise FileNotFoundError(f"--depth_dir: no such folder: {depth_dir}")
+        if layout.depth_scale is None:
+            raise ValueError(f"--depth_scale: dataset {dataset!r} needs the metres per stored depth unit")
+    prepare_directory(output_dir, "--output")
     runner = load_depth_runner(model, num_threads=num_threads)
-    os.makedirs(output_dir, exist_ok=True)
     results = []
     for path in paths:
         image = read_rgb(path)
@@ -166,12 +148,11 @@ def predict_files(model, inputs, output_dir, depth_dir=None, depth_scale=1e-3, n
         save_png(written["depth"], depth_to_uint16_mm(depth))
         save_png(written["color"], colorize_depth(depth))
         if depth_dir is not None:
-            truth = read_depth_png(find_depth_file(depth_dir, path), depth_scale)[..., 0]
+            truth_path = depth_file_for(path, depth_dir, dataset)
+            truth = read_depth_png(truth_path, layout.depth_scale)[..., 0]
             if truth.shape != depth.shape:
-                raise ValueError(
-                    f"{find_depth_file(depth_dir, path)}: truth is {truth.shape[1]}×{truth.shape[0]}, "
-                    f"image {path} is {depth.shape[1]}×{depth.shape[0]}"
-                )
+                raise ValueError(f"RGB {path} is {depth.shape[1]}x{depth.shape[0]} but its depth "
+                                 f"{truth_path} is {truth.shape[1]}x{truth.shape[0]}; a pair must share one size")
             written["panel"] = os.path.join(output_dir, f"{stem}_panel.png")
             save_png(written["panel"], depth_panel(image, truth, depth))
         log(f"{path}: {image.shape[1]}x{image.shape[0]}, depth {depth.min():.2f}-{depth.max():.2f} m "
@@ -180,21 +161,13 @@ def predict_files(model, inputs, output_dir, depth_dir=None, depth_scale=1e-3, n
     return results
 
 
+@command("mdekd.predict")
 def main(argv):
-    from absl import app, flags, logging
+    from absl import flags
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        predict_files(FLAGS.model, FLAGS.input, FLAGS.output, depth_dir=FLAGS.depth_dir,
-                      depth_scale=FLAGS.depth_scale, num_threads=FLAGS.num_threads)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        print(f"mdekd.predict: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    predict_files(FLAGS.model, FLAGS.input, FLAGS.output, depth_dir=FLAGS.depth_dir,
+                  dataset=FLAGS.dataset, depth_scale=FLAGS.depth_scale, num_threads=FLAGS.num_threads)
 
 
 def _define_flags():
@@ -204,10 +177,13 @@ def _define_flags():
     flags.DEFINE_string("input", None, "An image file or a folder of images.", required=True)
     flags.DEFINE_string("output", None, "Folder for the output PNGs (created).", required=True)
     flags.DEFINE_string("depth_dir", None,
-                        "Optional folder of ground-truth depth PNGs with the same file stems; "
-                        "adds an RGB | truth | prediction | error panel.")
-    flags.DEFINE_float("depth_scale", 1e-3,
-                       "Metres per stored unit of the truth PNGs (1e-3: millimetres, KITTI 1/256).")
+                        "Optional folder of ground-truth depth PNGs paired with the images by "
+                        "--dataset's naming rule; adds an RGB | truth | prediction | error panel.")
+    flags.DEFINE_string("dataset", "mai2021", "Layout whose naming rule and depth scale the truth follows "
+                        "(mai2021 | synthetic | kitti | nyu | folder).")
+    flags.DEFINE_float("depth_scale", None,
+                       "Metres per stored unit of the truth PNGs; default the --dataset's "
+                       "(mai2021 1e-3, kitti 1/256; required for folder).")
     flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads for a .tflite model.", lower_bound=1)
 
 

@@ -11,7 +11,6 @@ the layout ``train.py --dataset=mai2021 --data_dir=OUT`` reads. Each depth file 
 atomically and after its RGB copy, so the command resumes: images whose depth exists are skipped.
 """
 
-import os
 import pathlib
 import shutil
 import sys
@@ -19,6 +18,8 @@ import sys
 from absl import app, flags
 from tqdm import tqdm
 
+from mdekd.atomic import prepare_directory
+from mdekd.cli import command
 from mdekd.tflite_runner import DEFAULT_NUM_THREADS
 
 FLAGS = flags.FLAGS
@@ -56,32 +57,17 @@ def check_output_dir(input_dir, output_dir):
     """Refuse an output inside the input (its files would become inputs) or one that cannot be made."""
     if not input_dir.is_dir():
         raise FileNotFoundError(f"--input: folder not found: {input_dir}")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"--output: '{output_dir}' exists and is not a folder")
     inside = output_dir.resolve()
     if inside == input_dir.resolve() or input_dir.resolve() in inside.parents:
         raise ValueError(f"--output {output_dir} lies inside --input {input_dir}: its labels would be "
                          "read as photos on the next run; choose a folder outside the input")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise NotADirectoryError(f"--output: '{output_dir}' exists and is not a folder") from None
-    except OSError as error:
-        raise PermissionError(f"--output: cannot create '{output_dir}': {error.strerror}") from None
-    if not os.access(output_dir, os.W_OK):
-        raise PermissionError(f"--output: '{output_dir}' is not writable")
+    prepare_directory(output_dir, "--output")
 
 
+@command("pseudo_label")
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        count = pseudo_label(FLAGS.teacher, FLAGS.input, FLAGS.output, num_threads=FLAGS.num_threads)
-    except (ValueError, OSError) as error:
-        print(f"pseudo_label: error: {error}", file=sys.stderr)
-        return 1
+    count = pseudo_label(FLAGS.teacher, FLAGS.input, FLAGS.output, num_threads=FLAGS.num_threads)
     print(f"labelled {count} new image(s) into {FLAGS.output}")
-    return 0
 
 
 def _define_flags():

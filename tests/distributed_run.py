@@ -21,6 +21,7 @@ def main(variant, out_path):
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from mdekd.distill import DepthTrainer
     from mdekd.models import build_student
+    from mdekd.models.common import iter_layers
     from mdekd.training import synchronize_batch_norm
 
     rng = np.random.default_rng(0)
@@ -37,7 +38,7 @@ def main(variant, out_path):
             student = build_student((64, 64, 3), alpha=0.25)
             student.set_weights(initial)
             synchronize_batch_norm(student)
-            for layer in student._flatten_layers():
+            for layer in iter_layers(student):
                 if variant == "frozen_bn" and isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = False
             trainer = DepthTrainer(student)

@@ -130,6 +130,22 @@ def test_missing_truth_file_is_named(tmp_path):
                       depth_dir=tmp_path / "truth", log=lambda *a: None)
 
 
+def test_predict_pairs_truth_by_the_datasets_naming_rule(tmp_path):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "rgb_00007.jpg")
+    (tmp_path / "truth").mkdir()
+    Image.fromarray(np.full((32, 32), 2000, np.uint16)).save(tmp_path / "truth" / "sync_depth_00007.png")
+    [written] = predict_files(constant_depth_model(), tmp_path / "rgb_00007.jpg", tmp_path / "out",
+                              depth_dir=tmp_path / "truth", dataset="nyu", log=lambda *a: None)
+    assert pathlib.Path(written["files"]["panel"]).is_file()
+
+
+def test_predict_refuses_an_output_path_that_is_a_file_naming_it(tmp_path):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(PermissionError, match="--output: cannot write to .*out"):
+        predict_files(constant_depth_model(), tmp_path / "a.png", tmp_path / "out", log=lambda *a: None)
+
+
 def test_colour_map_is_red_near_blue_far_and_black_where_invalid():
     colours = colorize_depth(np.array([[1.0, 8.0, 0.0]]), low=1.0, high=10.0)
     near, far, invalid = colours[0]

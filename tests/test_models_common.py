@@ -150,7 +150,7 @@ def test_parameter_count_excludes_moving_statistics_and_ignores_freezing():
 def test_cost_breakdown_sums_to_the_totals():
     encoder = build_resnest("resnest14", input_shape=(64, 64, 3))
     stages = cost_breakdown(encoder)
-    assert list(stages) == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert list(stages) == ["stride2", "stride4", "stride8", "stride16", "stride32"]
     assert sum(p for p, _ in stages.values()) == trainable_parameter_count(encoder)
     assert sum(m for _, m in stages.values()) == count_macs(encoder)
     assert cost_table(encoder).splitlines()[-1].split()[:2] == ["total", f"{trainable_parameter_count(encoder):,}"]
@@ -166,5 +166,5 @@ def test_summary_cli_prints_stages_and_totals():
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert any(line.split()[0] == "decode1" for line in lines[2:])
+    assert [line.split()[0] for line in lines[2:8]] == [f"encoder/stride{s}" for s in (2, 4, 8, 16, 32)] + ["stride32"]
     assert lines[-1].split() == ["total", "3,960,930", "0.737"]

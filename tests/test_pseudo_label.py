@@ -84,7 +84,7 @@ def test_input_without_images_is_refused(teacher_file, tmp_path):
 
 def test_output_that_is_a_file_is_refused(teacher_file, photos, tmp_path):
     (tmp_path / "out").write_text("x")
-    with pytest.raises(NotADirectoryError, match="--output.*not a folder"):
+    with pytest.raises(PermissionError, match="--output: cannot write to .*is a file"):
         pseudo_label(str(teacher_file), photos, tmp_path / "out", progress=False)
 
 

@@ -77,7 +77,7 @@ def test_quickstart_distillation_run_writes_the_student(teacher_run, data_dir, t
 
 
 def tiny_config(tmp_path, **changes):
-    from mdekd.training import TrainConfig
+    from mdekd.train_config import TrainConfig
 
     base = dict(height=64, width=64, batch_size=2, student_alpha=0.25, teacher_encoder="resnest14",
                 teacher_decoder_channels=16, epochs=2, steps_per_epoch=2,
@@ -86,7 +86,7 @@ def tiny_config(tmp_path, **changes):
 
 
 def test_distill_without_teacher_is_refused(tmp_path):
-    from mdekd.training import validate_config
+    from mdekd.train_config import validate_config
 
     with pytest.raises(ValueError, match="--mode=distill needs --teacher"):
         validate_config(tiny_config(tmp_path, mode="distill", teacher=""))
@@ -101,7 +101,7 @@ def test_teacher_of_another_input_size_is_refused(teacher_run, tmp_path):
 
 
 def test_unknown_distilled_stride_is_refused(teacher_run, tmp_path):
-    from mdekd.training import validate_config
+    from mdekd.train_config import validate_config
 
     config = tiny_config(tmp_path, mode="distill", teacher=str(teacher_run / "best.keras"),
                          distill_strides=("stride8", "stride3"))
@@ -125,7 +125,7 @@ def test_missing_dataset_is_refused(tmp_path):
 
 
 def test_unwritable_output_dir_is_refused(tmp_path):
-    from mdekd.training import prepare_output_dir
+    from mdekd.run_folder import prepare_output_dir
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -156,7 +156,7 @@ def test_nan_loss_stops_the_cli_naming_the_step_and_the_terms(data_dir, tmp_path
 def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
     from mdekd.distill import DepthTrainer
     from mdekd.models import build_student
-    from mdekd.training import NetworkCheckpoint, NonFiniteLossError, StopOnNonFiniteLoss
+    from mdekd.callbacks import NetworkCheckpoint, NonFiniteLossError, StopOnNonFiniteLoss
 
     student = build_student((64, 64, 3), alpha=0.25)
     trainer = DepthTrainer(student)
@@ -343,14 +343,14 @@ def test_cached_targets_equal_the_live_teacher_on_labelled_and_unlabelled_frames
 ])
 def test_bad_distillation_settings_are_refused_naming_the_flag(teacher_run, data_dir, photos, tmp_path,
                                                               changes, message):
-    from mdekd.training import validate_config
+    from mdekd.train_config import validate_config
 
     with pytest.raises(ValueError, match=message):
         validate_config(distill_config(tmp_path, teacher_run, data_dir, photos, **changes))
 
 
 def test_unlabeled_dir_missing_or_without_images_is_refused(teacher_run, data_dir, photos, tmp_path):
-    from mdekd.training import validate_config
+    from mdekd.train_config import validate_config
 
     with pytest.raises(FileNotFoundError, match="--unlabeled_dir: folder not found"):
         validate_config(distill_config(tmp_path, teacher_run, data_dir, photos,
@@ -377,7 +377,7 @@ def test_distillation_cli_with_unlabelled_photos_and_response_term(teacher_run, 
 
 
 def test_pool_scale_flag_parses_one_value_or_one_per_stride():
-    from mdekd.training import parse_pool_scale
+    from mdekd.train_config import parse_pool_scale
 
     assert parse_pool_scale("0.5") == 0.5 and parse_pool_scale("none") is None
     assert parse_pool_scale("stride16:none,stride2:0.125") == {"stride16": None, "stride2": 0.125}

@@ -14,13 +14,12 @@ regardless of parallelism or of TensorFlow's global seed.
 
 from __future__ import annotations
 
-import pathlib
 
 import tensorflow as tf
 
 from mdekd.constants import MAX_DEPTH, valid_depth
 from mdekd.data.augment import augment_example
-from mdekd.data.pairs import check_pairs, list_pairs, resolve_layout
+from mdekd.data.pairs import check_pairs, list_images, list_pairs, resolve_layout
 
 _SHUFFLE_TAG, _AUGMENT_TAG = 1, 2  # keep the two random streams derived from one seed apart
 
@@ -123,24 +122,6 @@ def build_unlabeled_dataset(root, *, batch_size: int, image_size, augment: bool 
                            image_size=(int(image_size[0]), int(image_size[1])), stored_size=None,
                            augment=augment, shuffle=shuffle, seed=seed, repeat=repeat,
                            drop_remainder=shuffle, max_depth=None, return_index=return_index)
-
-
-def list_images(root, flag: str = "--unlabeled_dir") -> list[str]:
-    """Sorted paths of the RGB images (``.png``, ``.jpg``, ``.jpeg``) under ``root``, recursively.
-
-    Raises FileNotFoundError for a missing folder and ValueError for one holding no image, both
-    naming ``flag``.
-    """
-    folder = pathlib.Path(root)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{flag}: folder not found: {folder}")
-    suffixes = resolve_layout("folder").rgb_extensions
-    images = sorted(str(path) for path in folder.rglob("*")
-                    if path.is_file() and path.suffix.lower() in suffixes)
-    if not images:
-        raise ValueError(f"{flag}: {folder} holds no image (expected "
-                         f"{'/'.join(suffixes)} files, searched recursively)")
-    return images
 
 
 def mix_batches(labelled: tf.data.Dataset, unlabelled: tf.data.Dataset) -> tf.data.Dataset:

@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 Pair = tuple[str, str]
 
 _SHOW = 5  # how many offending files an error message names before "... and N more"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # the 8-bit RGB files ``read_rgb`` reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Layout:
     depth_scale: float | None  # metres per stored unit; None = the caller must give it
     rgb_prefix: str = ""
     depth_prefix: str = ""
-    rgb_extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+    rgb_extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     depth_extensions: tuple[str, ...] = (".png",)
 
 
@@ -132,6 +133,44 @@ def list_pairs(root, split: str = "train", dataset: str = "mai2021", *, allow_un
                          f"{len(depth)} depth file(s) {layout.depth_prefix}*"
                          f"{_braced(layout.depth_extensions)} under {depth_dir})")
     return pairs
+
+
+def list_images(root, flag: str = "--unlabeled_dir", recursive: bool = True) -> list[str]:
+    """Sorted paths of the RGB images (``IMAGE_EXTENSIONS``) in the folder ``root`` (searched
+    recursively unless ``recursive=False``), or ``[root]`` for a single image file.
+
+    Raises FileNotFoundError for a missing path and ValueError for a folder holding no image, both
+    naming ``flag``.
+    """
+    path = pathlib.Path(root)
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag}: no such file or folder: {path}")
+    candidates = path.rglob("*") if recursive else path.iterdir()
+    images = sorted(str(p) for p in candidates
+                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        where = "searched recursively" if recursive else "directly in the folder"
+        raise ValueError(f"{flag}: {path} holds no image (expected {'/'.join(IMAGE_EXTENSIONS)} files, "
+                         f"{where})")
+    return images
+
+
+def depth_file_for(image_path, depth_dir, dataset: str = "mai2021", flag: str = "--depth_dir",
+                   **layout_options) -> str:
+    """The depth file in ``depth_dir`` that pairs with ``image_path`` by the layout's rule: the
+    image's file name without the RGB prefix and extension, with the depth prefix and a depth
+    extension. FileNotFoundError naming ``flag`` and the expected name if there is none."""
+    layout = resolve_layout(dataset, **layout_options)
+    stem = pathlib.Path(image_path).stem
+    key = stem[len(layout.rgb_prefix):] if stem.startswith(layout.rgb_prefix) else stem
+    for extension in layout.depth_extensions:
+        candidate = pathlib.Path(depth_dir) / f"{layout.depth_prefix}{key}{extension}"
+        if candidate.is_file():
+            return str(candidate)
+    expected = pathlib.Path(depth_dir) / f"{layout.depth_prefix}{key}{_braced(layout.depth_extensions)}"
+    raise FileNotFoundError(f"{flag}: no depth file for {image_path} (expected {expected})")
 
 
 def _keyed_files(folder: pathlib.Path, prefix: str, extensions: Sequence[str],

@@ -41,8 +41,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mdekd.atomic import atomic_path, prepare_directory, replace_directory
 from mdekd.constants import MAX_DEPTH
-from mdekd.atomic import atomic_path, replace_directory
 
 RENDERER_VERSION = 1  # bump when rendering changes, so stale complete datasets are not reused
 MARKER = "synthetic.json"
@@ -543,6 +543,7 @@ def generate_dataset(output, train: int, validation: int, height: int, width: in
         raise FileExistsError(f"--output {output} exists and is not empty ({found}; asked for "
                               f"{json.dumps(parameters)}); pass --overwrite to replace it, or choose another --output")
 
+    prepare_directory(output.parent, "--output")  # the parent may be a file or read-only
     partial = output.with_name(output.name + ".partial")
     partial_marker = partial / MARKER
     if partial.exists():
@@ -601,7 +602,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         output = generate_dataset(args.output, args.train, args.validation, args.height, args.width, args.seed,
                                   workers=args.workers, progress=not args.quiet, overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as error:
+    except (ValueError, OSError) as error:
         parser.error(str(error))
     from mdekd.data.stats import describe_dataset, format_description
 

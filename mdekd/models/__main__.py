@@ -7,7 +7,8 @@ Models are built with random weights for the given input size; nothing runs thro
 """
 
 import os
-import sys
+
+from mdekd.cli import command
 
 
 def _define_flags():
@@ -24,12 +25,12 @@ def _define_flags():
     flags.DEFINE_enum("upsampling", "bilinear", list(UPSAMPLING_MODES), "Student decoder upsampling.")
 
 
+@command("mdekd.models")
 def main(argv):
     from absl import flags
 
     from mdekd.models import build_student, build_teacher, cost_table
 
-    del argv
     FLAGS = flags.FLAGS
     input_shape = (FLAGS.height, FLAGS.width, 3)
     if FLAGS.summary == "student":
@@ -47,7 +48,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    try:
-        app.run(main)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    app.run(main)

@@ -31,11 +31,17 @@ def check_input_shape(input_shape):
 
 def iter_layers(model):
     """Yield every leaf layer of ``model``, descending into nested models."""
+    for _, layer in iter_layers_with_path(model):
+        yield layer
+
+
+def iter_layers_with_path(model, path=()):
+    """Yield ``(path, layer)`` for every leaf layer; ``path`` names the nested models it sits in."""
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            yield from iter_layers(layer)
+            yield from iter_layers_with_path(layer, (*path, layer.name))
         else:
-            yield layer
+            yield path, layer
 
 
 def batchnorm_layer(name, epsilon=TORCH_BATCHNORM_EPSILON):

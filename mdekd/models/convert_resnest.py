@@ -9,9 +9,9 @@ mapping at every start).
 """
 
 import os
-import sys
 
-from mdekd.atomic import atomic_path
+from mdekd.atomic import atomic_path, prepare_file
+from mdekd.cli import command
 
 from mdekd.models.resnest import build_resnest
 from mdekd.models.timm_weights import load_timm_resnest_weights
@@ -27,9 +27,9 @@ def convert_resnest_weights(input_path, variant, output_path):
     output_path = os.fspath(output_path)
     if not output_path.endswith(WEIGHTS_SUFFIX):
         raise ValueError(f"--output must end with {WEIGHTS_SUFFIX}, got {output_path!r}")
+    prepare_file(output_path, "--output")
     encoder = build_resnest(variant)
     load_timm_resnest_weights(encoder, input_path)
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with atomic_path(output_path) as temporary:
         encoder.save_weights(temporary, overwrite=True)
     return encoder
@@ -45,10 +45,10 @@ def _define_flags():
     flags.DEFINE_string("output", None, "Keras weights file to write (.weights.h5).", required=True)
 
 
+@command("mdekd.models.convert_resnest")
 def main(argv):
     from absl import flags
 
-    del argv
     FLAGS = flags.FLAGS
     convert_resnest_weights(FLAGS.input, FLAGS.variant, FLAGS.output)
     print(f"{FLAGS.input} -> {FLAGS.output} ({FLAGS.variant})")
@@ -59,7 +59,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    try:
-        app.run(main)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    app.run(main)

@@ -5,16 +5,12 @@ bias additions, BatchNorm, activations, pooling and resizing are not counted (th
 convention: 0.737 GMACs at 224×224 for the reference student).
 """
 
-import re
 from collections import OrderedDict
 
 import keras
 import numpy as np
 
-from mdekd.models.common import iter_layers
-
-# MobileNet v1 block index -> output stride of that block (blocks 2, 4, 6, 12 have stride 2)
-_MOBILENET_BLOCK_STRIDE = {1: 2, 2: 4, 3: 4, 4: 8, 5: 8, **{i: 16 for i in range(6, 12)}, 12: 32, 13: 32}
+from mdekd.models.common import iter_layers, iter_layers_with_path
 
 
 def trainable_parameter_count(model):
@@ -62,18 +58,24 @@ def count_macs(model):
 def cost_breakdown(model):
     """Trainable parameters and MACs per stage, in graph order.
 
-    Returns an OrderedDict ``stage -> (parameters, macs)``. Stages of a nested encoder are
-    ``"<encoder name>/<stage>"``. Encoder stages are ResNeSt's stem, layer1..layer4 and MobileNet's
-    stem, stride2..stride32; decoder layers are grouped by the first word of their name
-    (``decode1``, ``fuse4``, ``head``). Layers without parameters or MACs are left out.
+    Returns an OrderedDict ``stage -> (parameters, macs)``. A stage is the output stride of its
+    layers (``stride2`` .. ``stride32``, input height / output height; ``stride1`` at full
+    resolution), prefixed by the nested models a layer sits in (``encoder/stride8``), so every
+    network built from Keras layers is broken down alike, whatever its layer names. Layers without
+    parameters or MACs are left out.
     """
+    input_height = model.input_shape[1]
     costs = OrderedDict()
-    for path, layer in _iter_layers_with_path(model):
+    stride = "stride1"
+    for path, layer in iter_layers_with_path(model):
+        # Layers on a globally pooled 1×1 map (split / channel attention) belong to the block
+        # they gate, i.e. to the stride of the last spatial layer before them.
+        stride = _stage_of(layer, input_height, previous=stride)
         params = trainable_parameter_count(layer)
         macs = layer_macs(layer)
         if params == 0 and macs == 0:
             continue
-        stage = "/".join((*path, _stage_of(layer.name)))
+        stage = "/".join((*path, stride))
         old_params, old_macs = costs.get(stage, (0, 0))
         costs[stage] = (old_params + params, old_macs + macs)
     return costs
@@ -89,23 +91,10 @@ def cost_table(model):
     return "\n".join(lines)
 
 
-def _iter_layers_with_path(model, path=()):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _iter_layers_with_path(layer, (*path, layer.name))
-        else:
-            yield path, layer
-
-
-def _stage_of(layer_name):
-    """Stage of a layer: ResNeSt layer1..4 / MobileNet output stride / encoder stem / name prefix."""
-    resnest_stage = re.match(r"(layer\d+)_", layer_name)
-    if resnest_stage:
-        return resnest_stage.group(1)
-    mobilenet_block = re.match(r"conv_(?:dw|pw|pad)_(\d+)", layer_name)
-    if mobilenet_block:
-        return f"stride{_MOBILENET_BLOCK_STRIDE[int(mobilenet_block.group(1))]}"
-    if re.match(r"(conv1|bn1|act1|maxpool)(_|$)", layer_name):
-        return "stem"
-    return layer_name.split("_")[0]
-
+def _stage_of(layer, input_height, previous):
+    """``stride<s>`` of a layer's (first) 4-D output; ``previous`` for a 1×1 (pooled) map or a
+    non-spatial output (e.g. Dense)."""
+    output = layer.output[0] if isinstance(layer.output, (list, tuple)) else layer.output
+    if len(output.shape) != 4 or not output.shape[1] or not input_height or output.shape[1] == 1 < input_height:
+        return previous
+    return f"stride{max(int(round(input_height / output.shape[1])), 1)}"
