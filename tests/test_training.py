@@ -240,10 +240,9 @@ def _free_ports(count):
     return ports
 
 
-def test_two_workers_on_loopback_end_with_identical_weights(data_dir, tmp_path):
+def _train_two_workers(data_dir, out, tmp_path, *flags):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    out = tmp_path / "multi"
     processes, logs = [], []
     for index in range(2):
         env = dict(os.environ, TF_CONFIG=json.dumps(
@@ -252,7 +251,7 @@ def test_two_workers_on_loopback_end_with_identical_weights(data_dir, tmp_path):
         logs.append(open(tmp_path / f"worker{index}.log", "w+"))
         processes.append(subprocess.Popen(
             [sys.executable, "train.py", "--mode=student", *TINY, "--distribution=multi_worker",
-             f"--data_dir={data_dir}", f"--output_dir={out}"],
+             f"--data_dir={data_dir}", f"--output_dir={out}", *flags],
             cwd=REPO_ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
     try:
         for p in processes:
@@ -263,8 +262,20 @@ def test_two_workers_on_loopback_end_with_identical_weights(data_dir, tmp_path):
     for p, log in zip(processes, logs):
         log.seek(0)
         assert p.returncode == 0, log.read()[-3000:]
+
+
+def test_two_workers_on_loopback_resume_and_end_with_identical_weights(data_dir, tmp_path):
+    out = tmp_path / "multi"
+    _train_two_workers(data_dir, out, tmp_path, "--epochs=1")
+    assert json.loads((out / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    _train_two_workers(data_dir, out, tmp_path, "--epochs=2")  # as after an interruption
     import mdekd.models  # noqa: F401
 
+    for folder in (out, out / "worker1"):
+        assert json.loads((folder / "backup" / "training_metadata.json").read_text())["epoch"] == 2
+        epochs = [line.split(",")[0] for line in (folder / "metrics.csv").read_text().splitlines()[1:]]
+        assert epochs == ["0", "1"]  # the second run trained epoch 1 only: it resumed
+        assert "val_si_rmse" in (folder / "metrics.csv").read_text().splitlines()[0]
     chief = keras.models.load_model(out / "last.keras", compile=False).get_weights()
     other = keras.models.load_model(out / "worker1" / "last.keras", compile=False).get_weights()
     for a, b in zip(chief, other):
