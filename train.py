@@ -13,7 +13,7 @@ from absl import app, flags
 from mdekd import distill, train_config, training
 from mdekd.callbacks import NonFiniteLossError
 from mdekd.cli import command
-from mdekd.models.student import UPSAMPLING_MODES
+from mdekd.models.student import DEPTH_OUTPUTS, UPSAMPLING_MODES
 from mdekd.schedules import SCHEDULES
 
 _D = train_config.TrainConfig()
@@ -69,6 +69,9 @@ flags.DEFINE_integer("teacher_decoder_channels", _D.teacher_decoder_channels,
                      "Width of the teacher's fusion decoder (256 in the paper).")
 flags.DEFINE_float("student_alpha", _D.student_alpha, "MobileNet width multiplier of the student.")
 flags.DEFINE_enum("upsampling", _D.upsampling, list(UPSAMPLING_MODES), "Student decoder upsampling.")
+flags.DEFINE_enum("depth_output", _D.depth_output, list(DEPTH_OUTPUTS),
+                  "Student head activation: softplus (depth ≈ head value) or log (the head predicts "
+                  "log depth, so int8 export errs by a fraction of the depth).")
 flags.DEFINE_string("encoder_weights", _D.encoder_weights,
                     "Encoder initialisation: empty (random), 'imagenet', or a weights file.")
 flags.DEFINE_integer("seed", _D.seed, "Random seed (weights, data order, augmentation).")

@@ -56,7 +56,8 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
     from mdekd.tflite_runner import TFLiteRunner, depth_only_model, load_keras_model
 
     machine = common.machine_info()
-    network = depth_only_model(load_keras_model(model_path))
+    trained = load_keras_model(model_path)
+    network = depth_only_model(trained)
     input_size = tuple(network.input_shape[1:3])
     results = []
     for variant in variants:
@@ -68,7 +69,7 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
                 paths = export.evenly_spaced(export.image_files(representative_data or data_dir, dataset),
                                              num_calibration)
                 calibration = export.CalibrationImages(paths, input_size)
-            tflite = export.convert(network, mode_of_label(variant).name, calibration)
+            tflite = export.convert(trained, mode_of_label(variant).name, calibration)
             model, size = TFLiteRunner(tflite, num_threads=num_threads), len(tflite)
         log(f"evaluating {variant}")
         evaluation = evaluate_model(model, data_dir, dataset, split, num_threads=num_threads,

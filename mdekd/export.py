@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -162,8 +163,10 @@ def convert(model, mode, representative_images=None):
     """
     import tensorflow as tf
 
+    from mdekd.models import deploy_model
+
     quant_mode = get_mode(mode)
-    network = depth_only_model(model)
+    network = deploy_model(model) if isinstance(model.output, dict) else model
     shape = tuple(network.input_shape)
     if len(shape) != 4 or None in shape[1:]:
         raise ValueError(
@@ -179,7 +182,27 @@ def convert(model, mode, representative_images=None):
                         None if representative_images is None else representative_dataset)
     # Keras' export prints "Saved artifact at ..." and a list of captures on stdout.
     with contextlib.redirect_stdout(io.StringIO()):
+        if quant_mode.float_tail:
+            return _quantize_with_float_tail(converter, network, representative_dataset)
         return converter.convert()
+
+
+def _quantize_with_float_tail(converter, network, representative_dataset):
+    """Selective quantisation: everything int8 except ``models.deploy.output_tail``, via TF's
+    ``QuantizationDebugger`` deny-list (docs/toolchain.md §19). A model without such a tail is
+    quantised fully."""
+    import tensorflow as tf
+
+    from mdekd.models.deploy import output_tail
+
+    tail = output_tail(network)
+    if not tail:
+        return converter.convert()
+    nodes = tail_tensors(tf.lite.TFLiteConverter.from_keras_model(network).convert(), tail)
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=representative_dataset, debug_options=options)
+    return debugger.get_nondebug_quantized_model()
 
 
 def _operator_names():
@@ -192,8 +215,9 @@ def _operator_names():
     }
 
 
-def list_ops(tflite_bytes):
-    """Operators of a TFLite flatbuffer: {op name: count} over all subgraphs.
+def list_operators(tflite_bytes):
+    """The operators of a TFLite flatbuffer in execution order, over all subgraphs: a list of
+    ``(op name, [output tensor names])``.
 
     Read from the flatbuffer itself (the LiteRT schema), so it also works on a model the
     interpreter cannot load. Custom ops (Flex ones included) are named ``CUSTOM:<code>``.
@@ -214,15 +238,35 @@ def list_ops(tflite_bytes):
                 custom = code.CustomCode()
                 name = f"CUSTOM:{custom.decode() if custom else '?'}"
             codes.append(name)
-        counts = {}
+        operators = []
         for s in range(model.SubgraphsLength()):
             subgraph = model.Subgraphs(s)
             for o in range(subgraph.OperatorsLength()):
-                name = codes[subgraph.Operators(o).OpcodeIndex()]
-                counts[name] = counts.get(name, 0) + 1
+                operator = subgraph.Operators(o)
+                outputs = [subgraph.Tensors(operator.Outputs(k)).Name().decode()
+                           for k in range(operator.OutputsLength())]
+                operators.append((codes[operator.OpcodeIndex()], outputs))
     except Exception as error:  # a truncated/corrupt buffer fails somewhere inside flatbuffers
         raise ValueError(f"not a valid TFLite flatbuffer ({type(error).__name__}: {error})") from error
+    return operators
+
+
+def list_ops(tflite_bytes):
+    """Operators of a TFLite flatbuffer: {op name: count} over all subgraphs (``list_operators``)."""
+    counts = {}
+    for name, _ in list_operators(tflite_bytes):
+        counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def tail_tensors(float_tflite, layer_names):
+    """Output tensor names of the ops of a float conversion from the first op that computes one of
+    ``layer_names`` (Keras layers) to the end: the float tail of a selectively quantised model."""
+    pattern = re.compile(r"/(" + "|".join(map(re.escape, layer_names)) + r")(_\d+)?/")
+    operators = list_operators(float_tflite)
+    start = next((i for i, (_, outputs) in enumerate(operators)
+                  if any(pattern.search(name) for name in outputs)), len(operators))
+    return [name for _, outputs in operators[start:] for name in outputs]
 
 
 def forbidden_ops(op_names):
@@ -401,7 +445,7 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
     if calibration_paths is not None:
         calibration = CalibrationImages(calibration_paths, input_size, progress=progress)
         log(f"calibrating int8 on {len(calibration)} images from {representative_data}")
-    tflite_bytes = convert(network, mode, calibration)
+    tflite_bytes = convert(model, mode, calibration)  # the deploy graph (mdekd.models.deploy)
 
     log(f"verifying the {quant_mode.label} model against Keras on {data.source}")
     report = verify(tflite_bytes, network, data.images, mode=mode, num_threads=num_threads)

@@ -39,6 +39,9 @@ class QuantMode:
     float16_weights: bool  # target_spec.supported_types = [float16]
     integer_only: bool  # calibrated full-integer kernels (needs representative images)
     tolerance: Tolerance
+    # integer_only: keep the weightless single-channel tail (late upsampling, depth activation)
+    # in float, so the last int8 tensor is the head's output (docs/design.md §5)
+    float_tail: bool = False
 
 
 # Why these gates (measured at 128×160 on a student trained 96 steps on synthetic scenes, and on
@@ -69,7 +72,7 @@ _MODES = (
     QuantMode("int8", "int8", "full integer, activations calibrated on training images; float "
               "input/output kept", optimize=True, float16_weights=False, integer_only=True,
               tolerance=Tolerance(mean_relative=0.15, p99_relative=0.5, max_relative=None,
-                                  metric_drift=0.10, delta1_drop=0.05)),
+                                  metric_drift=0.10, delta1_drop=0.05), float_tail=True),
 )
 QUANT_MODES = {mode.name: mode for mode in _MODES}
 NAMES = tuple(QUANT_MODES)
@@ -104,6 +107,7 @@ def configure_converter(converter, mode, representative_dataset=None):
             raise ValueError(f"--quantize {mode.name} needs representative data (training images) "
                              "for the activation ranges: pass --representative_data DIR")
         converter.representative_dataset = representative_dataset
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if not mode.float_tail:  # a float tail needs float kernels beside the int8 ones
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         # float32 input and output are kept (the converter's default): callers feed [0, 1] images.
     return converter

@@ -58,6 +58,7 @@ class TrainConfig:
     teacher_decoder_channels: int = 256
     student_alpha: float = 1.0
     upsampling: str = "bilinear"
+    depth_output: str = "softplus"  # "log": the head predicts log depth (int8-friendly)
     encoder_weights: str = ""
     # execution
     seed: int = 0

@@ -213,7 +213,8 @@ def build_network(config):
     else:
         def rebuild():
             return models.build_student(config.input_shape, encoder_weights=weights,
-                                        upsampling=config.upsampling, alpha=config.student_alpha)
+                                        upsampling=config.upsampling, alpha=config.student_alpha,
+                                        depth_output=config.depth_output)
     network = rebuild()
     if config.distribution != "none" and config.sync_batch_norm:
         synchronize_batch_norm(network)

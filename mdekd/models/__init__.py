@@ -2,6 +2,7 @@
 
 from mdekd.models import layers  # noqa: F401  (registers the custom layers before any load_model)
 from mdekd.models.common import inference_model, set_depth_prior
+from mdekd.models.deploy import deploy_model
 from mdekd.models.macs import cost_breakdown, cost_table, count_macs, trainable_parameter_count
 from mdekd.models.resnest import RESNEST_VARIANTS, build_resnest
 from mdekd.models.student import build_student
@@ -16,6 +17,7 @@ __all__ = [
     "cost_breakdown",
     "cost_table",
     "count_macs",
+    "deploy_model",
     "inference_model",
     "load_timm_resnest_weights",
     "set_depth_prior",

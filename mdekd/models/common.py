@@ -1,10 +1,6 @@
 """Conventions both depth models share: input size rule, BatchNorm momentum, the depth-only graph."""
 
-import math
-
 import keras
-
-from mdekd.constants import MIN_DEPTH
 
 BATCHNORM_MOMENTUM = 0.9  # design.md §4: PyTorch momentum 0.1 of the reference nets (toolchain.md §16)
 TORCH_BATCHNORM_EPSILON = 1e-5  # PyTorch's BatchNorm2d default, used by all reference decoders
@@ -67,17 +63,16 @@ def inference_model(model):
 def set_depth_prior(network, median_depth):
     """Start a network whose depth head ends in BatchNormalization at ``median_depth`` metres.
 
-    Such a head (the student's Conv 1×1 + BN → softplus + MIN_DEPTH) outputs ≈ softplus(β) at
+    Such a head (the student's Conv 1×1 + BN → depth activation) outputs ≈ activation(β) at
     initialisation, whatever the features; its global scale can then only move with β, which Adam
     shifts by about one learning rate per step, so a short run never reaches metres (measured: a
-    800-step student stayed 5× too near). Setting β = softplus⁻¹(median_depth − MIN_DEPTH) starts it
-    at the training data's scale (docs/design.md §1, metric depth). Returns True when it applied;
-    heads ending in a biased convolution (the teacher's) learn their scale and are left alone.
+    800-step student stayed 5× too near). Setting β = activation⁻¹(median_depth) starts it at the
+    training data's scale (docs/design.md §1, metric depth). Returns True when it applied; heads
+    ending in a biased convolution (the teacher's) learn their scale and are left alone.
     """
-    head = network.get_layer("depth").input._keras_history.operation
-    if not isinstance(head, keras.layers.BatchNormalization):
+    activation = network.get_layer("depth")
+    head = activation.input._keras_history.operation
+    if not isinstance(head, keras.layers.BatchNormalization) or not hasattr(activation, "inverse"):
         return False
-    target = max(float(median_depth) - MIN_DEPTH, 1e-3)
-    beta = target + math.log(-math.expm1(-target))  # softplus⁻¹, stable for large targets
-    head.beta.assign(keras.ops.full(head.beta.shape, beta))
+    head.beta.assign(keras.ops.full(head.beta.shape, activation.inverse(median_depth)))
     return True

@@ -5,6 +5,8 @@ with plain ``keras.models.load_model`` once ``mdekd.models`` is imported. All of
 builtin ops (no Flex) and run on CPU without XLA.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -44,6 +46,39 @@ class UpsampleBilinearAlignCorners(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="mdekd")
+class UpsampleNearest(keras.layers.Layer):
+    """Nearest-neighbour ×factor upsampling: (B, H, W, C) -> (B, factor·H, factor·W, C).
+
+    Each output pixel copies input pixel (⌊y/factor⌋, ⌊x/factor⌋), as PyTorch's
+    ``F.interpolate(mode="nearest")`` in the FastDepth reference and Keras' nearest
+    ``UpSampling2D``; but it lowers to TFLite's ``RESIZE_NEAREST_NEIGHBOR`` (one XNNPACK kernel)
+    where ``UpSampling2D`` lowers to a TILE + RESHAPE chain (docs/toolchain.md §5).
+    """
+
+    def __init__(self, factor=2, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+
+    def call(self, inputs):
+        height, width = inputs.shape[1], inputs.shape[2]
+        if height is None or width is None:
+            size = tf.shape(inputs)[1:3] * self.factor
+        else:
+            size = tf.constant([height * self.factor, width * self.factor], tf.int32)
+        # half_pixel_centers=False with align_corners=False is the floor(y / factor) rule.
+        return tf.raw_ops.ResizeNearestNeighbor(images=inputs, size=size, align_corners=False,
+                                                half_pixel_centers=False)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        scale = lambda n: None if n is None else n * self.factor  # noqa: E731
+        return (batch, scale(height), scale(width), channels)
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
 class PositiveDepth(keras.layers.Layer):
     """Depth head activation: ``softplus(x) + min_depth`` metres, so depth > 0 everywhere.
 
@@ -60,6 +95,41 @@ class PositiveDepth(keras.layers.Layer):
     def call(self, inputs):
         softplus = ops.relu(inputs) + ops.log(1.0 + ops.exp(-ops.abs(inputs)))
         return softplus + self.min_depth
+
+    def inverse(self, depth):
+        """The pre-activation (float) whose output is ``depth`` metres."""
+        target = max(float(depth) - self.min_depth, 1e-3)
+        return target + math.log(-math.expm1(-target))  # softplus⁻¹, stable for large targets
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "min_depth": self.min_depth}
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class ExpDepth(keras.layers.Layer):
+    """Depth head activation for a head that predicts **log depth**: ``exp(x)`` metres.
+
+    (B, H, W, 1) log-depth -> (B, H, W, 1) metres, clipped to [min_depth, e^80] so it is > 0 and
+    finite. The tensor before it is log depth, so int8 quantisation of the network errs by a fixed
+    *fraction* of the depth at every distance (a step of ln(40/0.1)/256 ≈ 2.3 % over 0.1-40 m)
+    rather than by a fixed number of metres (docs/design.md §5, int8 depth precision).
+    """
+
+    MAX_LOG_DEPTH = 80.0  # exp(80) ≈ 5.5e34 is still finite in float32
+
+    def __init__(self, min_depth=MIN_DEPTH, **kwargs):
+        super().__init__(**kwargs)
+        self.min_depth = float(min_depth)
+
+    def call(self, inputs):
+        return ops.exp(ops.clip(inputs, math.log(self.min_depth), self.MAX_LOG_DEPTH))
+
+    def inverse(self, depth):
+        """The pre-activation (log depth) whose output is ``depth`` metres."""
+        return math.log(max(float(depth), self.min_depth))
 
     def compute_output_shape(self, input_shape):
         return input_shape

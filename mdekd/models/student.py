@@ -8,9 +8,10 @@ instead of its ReLU, so depth is > 0 and the parameter count is the reference's 
 Every BatchNormalization uses momentum 0.9 (design.md §4); the decoder's use PyTorch's epsilon 1e-5 as
 the reference does, MobileNet's keep Keras' 1e-3 that its ImageNet weights were trained with.
 
-Upsampling: ``"bilinear"`` is the default because Keras' nearest ``UpSampling2D`` lowers to a TILE
-chain that splits XNNPACK in TFLite (toolchain.md §5: int8 12.3 ms vs 10.0 ms); ``"nearest"`` is the
-reference's choice and stays available.
+Upsampling: ``"nearest"`` is the reference's choice, built as ``UpsampleNearest`` (TFLite
+``RESIZE_NEAREST_NEIGHBOR``; Keras' nearest ``UpSampling2D`` lowers to a TILE chain that splits
+XNNPACK, toolchain.md §5); ``"bilinear"`` (Keras ``UpSampling2D``, ``RESIZE_BILINEAR``) is the
+default the ablations were run with.
 """
 
 import os
@@ -19,7 +20,7 @@ import socket
 import keras
 
 from mdekd.models.common import BATCHNORM_MOMENTUM, FEATURE_KEYS, batchnorm_layer, check_input_shape
-from mdekd.models.layers import PositiveDepth
+from mdekd.models.layers import ExpDepth, PositiveDepth, UpsampleNearest
 
 DECODER_WIDTHS = (512, 256, 128, 64, 32)  # design.md §4, fast-depth decode_conv1..5 at α = 1
 DECODER_KERNEL_SIZE = 5  # fast-depth MobileNetSkipAdd kernel_size
@@ -29,6 +30,10 @@ SKIP_TAPS = {2: "conv_pw_5_relu", 3: "conv_pw_3_relu", 4: "conv_pw_1_relu"}
 # decoder stage -> output key of its (post-skip) map
 STAGE_OUTPUTS = dict(enumerate(FEATURE_KEYS, start=1))
 UPSAMPLING_MODES = ("nearest", "bilinear")
+# depth_output -> activation after the head: "softplus" (depth ≈ the head's value, the reference's
+# ReLU made > 0) or "log" (the head predicts log depth, so int8 errs by a fraction of the depth,
+# docs/design.md §5)
+DEPTH_OUTPUTS = {"softplus": PositiveDepth, "log": ExpDepth}
 # MobileNet v1 depthwise-separable blocks (pointwise filters at α = 1, depthwise stride), as
 # keras.applications.mobilenet builds them (conv_dw_1 .. conv_dw_13)
 MOBILENET_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
@@ -50,7 +55,8 @@ DOWNLOAD_TIMEOUT_S = 30  # a download without network must fail, not hang
 STRIDE2_PADDING = {"conv1": ((2, 0), (2, 0)), "conv_dw_4": ((0, 1), (0, 1))}
 
 
-def build_student(input_shape=(480, 640, 3), encoder_weights=None, upsampling="bilinear", alpha=1.0, name="fastdepth"):
+def build_student(input_shape=(480, 640, 3), encoder_weights=None, upsampling="bilinear", alpha=1.0,
+                  depth_output="softplus", name="fastdepth"):
     """Build FastDepth for a fixed input size.
 
     Args:
@@ -59,6 +65,7 @@ def build_student(input_shape=(480, 640, 3), encoder_weights=None, upsampling="b
         or downloaded) or a path to a MobileNet weights file (.h5 or .weights.h5).
       upsampling: "bilinear" (default) or "nearest" (the reference's).
       alpha: MobileNet width multiplier; decoder widths scale with it (small α for tests).
+      depth_output: a key of ``DEPTH_OUTPUTS``, the head's activation ("softplus" or "log").
     Returns:
       keras.Model: image (B, H, W, 3) RGB float32 in [0, 1] -> dict ``depth`` (B, H, W, 1) metres > 0,
       ``stride16`` .. ``stride2`` decoder maps (B, H/s, W/s, C).
@@ -66,6 +73,8 @@ def build_student(input_shape=(480, 640, 3), encoder_weights=None, upsampling="b
     input_shape = check_input_shape(input_shape)
     if upsampling not in UPSAMPLING_MODES:
         raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {upsampling!r}")
+    if depth_output not in DEPTH_OUTPUTS:
+        raise ValueError(f"depth_output must be one of {tuple(DEPTH_OUTPUTS)}, got {depth_output!r}")
     encoder = _build_encoder(input_shape, alpha, encoder_weights)
 
     image = keras.Input(input_shape, name="image")
@@ -83,7 +92,7 @@ def build_student(input_shape=(480, 640, 3), encoder_weights=None, upsampling="b
             outputs[STAGE_OUTPUTS[stage]] = x
     x = keras.layers.Conv2D(1, 1, use_bias=False, name="head_conv")(x)
     x = batchnorm_layer("head_bn")(x)
-    depth = PositiveDepth(name="depth")(x)
+    depth = DEPTH_OUTPUTS[depth_output](name="depth")(x)
     return keras.Model(image, {"depth": depth, **outputs}, name=name)
 
 
@@ -95,7 +104,9 @@ def _nnconv5_stage(x, width, prefix, upsampling):
     x = keras.layers.Conv2D(width, 1, use_bias=False, name=f"{prefix}_pw")(x)
     x = batchnorm_layer(f"{prefix}_pw_bn")(x)
     x = keras.layers.ReLU(name=f"{prefix}_pw_relu")(x)
-    return keras.layers.UpSampling2D(2, interpolation=upsampling, name=f"{prefix}_up")(x)
+    if upsampling == "nearest":
+        return UpsampleNearest(2, name=f"{prefix}_up")(x)
+    return keras.layers.UpSampling2D(2, interpolation="bilinear", name=f"{prefix}_up")(x)
 
 
 def _build_encoder(input_shape, alpha, weights):
