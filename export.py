@@ -45,6 +45,9 @@ flags.DEFINE_integer("num_verification", export.DEFAULT_NUM_VERIFICATION,
 flags.DEFINE_string("output", None,
                     "Output .tflite path. Default: <student|teacher>_<fp32|fp16|dynamic|int8>.tflite beside the model.")
 flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads for the verification run.", lower_bound=1)
+flags.DEFINE_string("input_size", None,
+                    "H,W: run the network at this smaller size (multiples of 32) inside the model's own "
+                    "input/output size; the image is resized down and the depth back up in the model.")
 flags.DEFINE_string("runs_dir", "runs", "Where to look for the newest student when --model is not given.")
 
 
@@ -60,6 +63,7 @@ def main(argv):
         depth_scale=FLAGS.depth_scale,
         num_calibration=FLAGS.num_calibration, validation_data=FLAGS.validation_data,
         num_verification=FLAGS.num_verification, num_threads=FLAGS.num_threads,
+        input_size=FLAGS.input_size and export.parse_input_size(FLAGS.input_size),
     )
     print(export.summarize(report))
 

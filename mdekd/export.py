@@ -161,7 +161,6 @@ def convert(model, mode, representative_images=None):
     mode: a ``mdekd.quantization`` mode name. representative_images: for ``int8`` only (required):
     an iterable of (H, W, 3) or (1, H, W, 3) float32 images in [0, 1] at the model size, iterated once.
     """
-    import tensorflow as tf
 
     from mdekd.models import deploy_model
 
@@ -177,14 +176,37 @@ def convert(model, mode, representative_images=None):
         for image in representative_images:
             yield [np.asarray(image, dtype=np.float32).reshape((1, *shape[1:]))]
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(network)
-    configure_converter(converter, quant_mode,
-                        None if representative_images is None else representative_dataset)
     # Keras' export prints "Saved artifact at ..." and a list of captures on stdout.
-    with contextlib.redirect_stdout(io.StringIO()):
-        if quant_mode.float_tail:
+    with contextlib.redirect_stdout(io.StringIO()), _converter(network) as converter:
+        configure_converter(converter, quant_mode,
+                            None if representative_images is None else representative_dataset)
+        if quant_mode.float_tail and representative_images is not None:
             return _quantize_with_float_tail(converter, network, representative_dataset)
         return converter.convert()
+
+
+SIGNATURE_KEY = "serving_default"
+
+
+@contextlib.contextmanager
+def _converter(network):
+    """A ``TFLiteConverter`` for ``network`` whose signature reads ``image`` (1, H, W, 3) and
+    returns ``depth`` (1, H, W, 1): the network as a SavedModel with that one endpoint
+    (``keras.export.ExportArchive``, then ``from_saved_model``, toolchain.md §2). The SavedModel
+    lives in a temporary folder for as long as the converter is used."""
+    import tempfile
+
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(network)
+    archive.add_endpoint(SIGNATURE_KEY, lambda image: {"depth": network(image, training=False)},
+                         input_signature=[tf.TensorSpec((1, *network.input_shape[1:]), tf.float32,
+                                                        name="image")])
+    with tempfile.TemporaryDirectory(prefix="mdekd-export-") as folder:
+        archive.write_out(folder, verbose=False)
+        yield tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=[SIGNATURE_KEY])
 
 
 def _quantize_with_float_tail(converter, network, representative_dataset):
@@ -198,7 +220,8 @@ def _quantize_with_float_tail(converter, network, representative_dataset):
     tail = output_tail(network)
     if not tail:
         return converter.convert()
-    nodes = tail_tensors(tf.lite.TFLiteConverter.from_keras_model(network).convert(), tail)
+    with _converter(network) as float_converter:
+        nodes = tail_tensors(float_converter.convert(), tail)
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=representative_dataset, debug_options=options)
@@ -267,6 +290,23 @@ def tail_tensors(float_tflite, layer_names):
     start = next((i for i, (_, outputs) in enumerate(operators)
                   if any(pattern.search(name) for name in outputs)), len(operators))
     return [name for _, outputs in operators[start:] for name in outputs]
+
+
+def gpu_delegate_compatibility(tflite_bytes):
+    """What TFLite's model analyzer says of running ``tflite_bytes`` on the GPU delegate:
+    ``{"compatible": bool, "summary": "GPU delegate: compatible" | "GPU delegate: <failing ops>",
+    "issues": [analyzer lines]}``. A static check of ops and types (the analyzer's own caveat:
+    runtime incompatibilities remain possible); no GPU is needed."""
+    import tensorflow as tf
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        tf.lite.experimental.Analyzer.analyze(model_content=bytes(tflite_bytes), gpu_compatibility=True)
+    lines = text.getvalue().splitlines()
+    issues = [line.strip() for line in lines if "GPU COMPATIBILITY WARNING" in line]
+    compatible = not issues and any("looks compatible with GPU delegate" in line for line in lines)
+    summary = "GPU delegate: compatible" if compatible else "GPU delegate: " + ("; ".join(issues) or "not compatible")
+    return {"compatible": compatible, "summary": summary, "issues": issues}
 
 
 def forbidden_ops(op_names):
@@ -390,25 +430,39 @@ def write_atomically(path, data):
     write_bytes_atomically(path, data.encode() if isinstance(data, str) else data)
 
 
-def default_output_path(model_path, mode):
-    """``<model folder>/<teacher|student>_<label>.tflite``, the network kind from its run.json."""
+def default_output_path(model_path, mode, input_size=None):
+    """``<model folder>/<teacher|student>_<label>[_<h>x<w>].tflite``, the network kind from its
+    run.json; the suffix names a reduced network input (``--input_size``)."""
     kind = run_folder.network_kind(run_folder.read_run_config(model_path))
-    return os.path.join(os.path.dirname(os.path.abspath(model_path)), f"{kind}_{get_mode(mode).label}.tflite")
+    suffix = f"_{input_size[0]}x{input_size[1]}" if input_size else ""
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)),
+                        f"{kind}_{get_mode(mode).label}{suffix}.tflite")
+
+
+def parse_input_size(text):
+    """``--input_size`` 'H,W' -> (H, W); ValueError naming the flag otherwise."""
+    try:
+        height, width = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input_size: expected 'H,W' (two integers, e.g. 240,320), got {text!r}") from None
+    return height, width
 
 
 def export_tflite(model_path, mode, output=None, representative_data=None, dataset=None,
                   depth_scale=None, num_calibration=DEFAULT_NUM_CALIBRATION, validation_data=None,
                   num_verification=DEFAULT_NUM_VERIFICATION, num_threads=DEFAULT_NUM_THREADS,
-                  progress=True, log=print):
+                  input_size=None, progress=True, log=print):
     """Convert, verify and write ``model_path`` (.keras) as a TFLite model; returns the report.
 
     Missing data folders, the dataset and its depth scale come from the run.json beside the model
     (``data_dir``, ``dataset``, ``depth_scale``) when there is one; ``depth_scale`` (metres per
     stored unit) is required to score a ``folder`` dataset, as in ``mdekd.evaluate``. ``output``
     defaults to ``default_output_path``; the report is written to ``<output>.json``. Nothing is
-    written if anything fails.
+    written if anything fails. ``input_size`` (H, W): run the network at that smaller size inside
+    the model's full-size input and output (``mdekd.models.deploy.reduced_resolution_model``).
     """
     from mdekd.data import resolve_layout
+    from mdekd.models.deploy import reduced_resolution_model
 
     quant_mode = get_mode(mode)
     model_path = os.fspath(model_path)
@@ -427,7 +481,7 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
             f"--quantize {mode} needs representative data (training images) for the activation ranges: "
             "pass --representative_data DIR (a dataset root with train/rgb, or a folder of images)"
         )
-    output = os.fspath(output) if output else default_output_path(model_path, mode)
+    output = os.fspath(output) if output else default_output_path(model_path, mode, input_size)
     prepare_file(output, "--output")
     calibration_paths = None
     if quant_mode.integer_only:
@@ -435,15 +489,20 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
         check_images(calibration_paths)  # a stray non-image fails now, not minutes into conversion
 
     model = load_keras_model(model_path)
+    if not isinstance(model.output, dict) or "depth" not in model.output:
+        raise ValueError(f"--model: {model_path} is not a depth model of mdekd (expected a dict output "
+                         f"with 'depth', found {getattr(model, 'output_names', None) or model.output})")
     network = depth_only_model(model)
-    input_size = tuple(network.input_shape[1:3])
-    data = verification_data(input_size, validation_data, dataset, count=num_verification, **layout)
+    full_size = tuple(network.input_shape[1:3])
+    if input_size:
+        model = network = reduced_resolution_model(model, input_size)  # verified against this graph
+    data = verification_data(full_size, validation_data, dataset, count=num_verification, **layout)
     if data.split_root is not None and resolve_layout(dataset, **layout).depth_scale is None:
         raise ValueError(f"--depth_scale: dataset {dataset!r} needs the metres per stored depth unit "
                          f"to score the truth of {data.split_root}")
     calibration = None
     if calibration_paths is not None:
-        calibration = CalibrationImages(calibration_paths, input_size, progress=progress)
+        calibration = CalibrationImages(calibration_paths, full_size, progress=progress)
         log(f"calibrating int8 on {len(calibration)} images from {representative_data}")
     tflite_bytes = convert(model, mode, calibration)  # the deploy graph (mdekd.models.deploy)
 
@@ -457,9 +516,11 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
         "source_model": os.path.abspath(model_path),
         "output": os.path.abspath(output),
         "input_shape": [int(n) for n in network.input_shape[1:]],
+        "network_input_size": list(input_size or full_size),
         "tflite_bytes": len(tflite_bytes),
         "keras_file_bytes": os.path.getsize(model_path),
         "verification_data": data.source,
+        "gpu_delegate": gpu_delegate_compatibility(tflite_bytes),
         "calibration": (
             {"source": os.fspath(representative_data), "num_images": len(calibration_paths)}
             if calibration_paths else None
@@ -496,6 +557,7 @@ def summarize(report):
         f"wrote {report['output']} ({report['tflite_bytes'] / 1e6:.2f} MB, {report['mode']}, "
         f"input {'x'.join(map(str, report['input_shape']))})",
         f"ops: {', '.join(f'{k}×{v}' for k, v in report['ops'].items())}",
+        report["gpu_delegate"]["summary"] if "gpu_delegate" in report else "GPU delegate: not checked",
         f"vs Keras on {report['verification_data']}: max|Δ| {report['max_abs_diff']:.3g} m, "
         f"mean|Δ| {report['mean_abs_diff']:.3g} m; relative per pixel: mean {100 * report['mean_relative_diff']:.3g} %, "
         f"p99 {100 * report['p99_relative_diff']:.3g} %, max {100 * report['max_relative_diff']:.3g} %",

@@ -266,3 +266,64 @@ def test_relative_errors_are_per_pixel_so_far_and_near_pixels_weigh_alike():
     assert errors["max_relative_diff"] == pytest.approx(0.1)
     assert errors["mean_relative_diff"] == pytest.approx(0.05)
     assert errors["max_abs_diff"] == pytest.approx(1.0)
+
+
+def test_the_default_student_is_reported_gpu_delegate_compatible(converted):
+    for mode in ("none", "int8"):
+        verdict = export.gpu_delegate_compatibility(converted[mode])
+        assert verdict == {"compatible": True, "summary": "GPU delegate: compatible", "issues": []}
+
+
+def test_gpu_delegate_issues_reported_by_the_analyzer_are_named(converted, monkeypatch):
+    # This TF build's analyzer flagged none of ARG_MAX, GATHER, CUMSUM, 2-D SLICE (toolchain.md
+    # §20), so its warning format is replayed here to test that warnings become the verdict.
+    def analyze(model_content=None, gpu_compatibility=False):
+        print("Op#3 ARG_MAX(T#2) -> [T#4]\nGPU COMPATIBILITY WARNING: Not supported op ARG_MAX")
+
+    monkeypatch.setattr(tf.lite.experimental.Analyzer, "analyze", staticmethod(analyze))
+    verdict = export.gpu_delegate_compatibility(converted["none"])
+    assert not verdict["compatible"]
+    assert verdict["summary"] == "GPU delegate: GPU COMPATIBILITY WARNING: Not supported op ARG_MAX"
+
+
+def test_exported_signature_reads_image_and_returns_depth(converted):
+    from ai_edge_litert.interpreter import Interpreter
+
+    for mode in quantization.NAMES:
+        signatures = Interpreter(model_content=converted[mode]).get_signature_list()
+        assert signatures == {"serving_default": {"inputs": ["image"], "outputs": ["depth"]}}
+
+
+def test_reduced_resolution_export_outputs_the_full_size(student_file, data_dir, tmp_path):
+    output = tmp_path / "small.tflite"
+    report = export.export_tflite(student_file, "int8", output=output, representative_data=data_dir,
+                                  dataset="synthetic", validation_data=data_dir, input_size=(32, 32),
+                                  num_threads=1, progress=False, log=lambda *a: None)
+    assert report["input_shape"] == [*SIZE, 3] and report["network_input_size"] == [32, 32]
+    from mdekd.tflite_runner import TFLiteRunner
+
+    runner = TFLiteRunner(output, num_threads=1)
+    assert runner.input_size == SIZE
+    assert runner.predict(np.zeros((1, *SIZE, 3), np.float32)).shape == (1, *SIZE, 1)
+
+
+@pytest.mark.parametrize("size, message", [((48, 64), "multiples of 32"), ((96, 64), "larger than")])
+def test_bad_input_sizes_are_refused_naming_the_flag(student_file, tmp_path, size, message):
+    with pytest.raises(ValueError, match=f"--input_size: .*{message}"):
+        export.export_tflite(student_file, "none", output=tmp_path / "m.tflite", input_size=size,
+                             log=lambda *a: None)
+    assert not (tmp_path / "m.tflite").exists()
+
+
+def test_a_model_that_is_not_a_depth_model_is_refused(tmp_path):
+    image = keras.Input((32, 32, 3))
+    path = tmp_path / "classifier.keras"
+    keras.Model(image, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(image))).save(path)
+    with pytest.raises(ValueError, match="not a depth model"):
+        export.export_tflite(path, "none", output=tmp_path / "m.tflite", log=lambda *a: None)
+
+
+def test_input_size_flag_must_be_two_integers():
+    assert export.parse_input_size("240,320") == (240, 320)
+    with pytest.raises(ValueError, match="--input_size: expected 'H,W'"):
+        export.parse_input_size("240x320")

@@ -11,7 +11,7 @@ and verifies it against the training graph.
 
 import keras
 
-from mdekd.models.common import inference_model
+from mdekd.models.common import check_input_shape, inference_model
 from mdekd.models.layers import UpsampleBilinearAlignCorners, UpsampleNearest
 
 UPSAMPLING_LAYERS = (keras.layers.UpSampling2D, UpsampleNearest, UpsampleBilinearAlignCorners)
@@ -58,3 +58,53 @@ def output_tail(model):
         names.append(layer.name)
         layer = inputs[0]._keras_history.operation
     return names[::-1]
+
+
+def at_input_size(model, input_size):
+    """``model`` (fully convolutional, fixed input) rebuilt for ``input_size`` (H, W) with the same
+    weights: every InputLayer's shape in its config is replaced, so nested encoders follow."""
+    height, width = (int(n) for n in input_size)
+
+    def resize_inputs(config):
+        if isinstance(config, dict):
+            if config.get("class_name") == "InputLayer":
+                shape = list(config["config"]["batch_shape"])
+                config["config"]["batch_shape"] = [shape[0], height, width, *shape[3:]]
+            for value in config.values():
+                resize_inputs(value)
+        elif isinstance(config, list):
+            for value in config:
+                resize_inputs(value)
+        return config
+
+    config = resize_inputs(keras.saving.serialize_keras_object(model))
+    rebuilt = keras.saving.deserialize_keras_object(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def reduced_resolution_model(model, input_size):
+    """The deployed graph that runs ``model`` at the smaller ``input_size`` (H, W) inside the
+    model's own input and output size: full-size RGB -> bilinear resize to ``input_size`` ->
+    ``deploy_model`` at that size -> depth resized (bilinear) back to the full size.
+
+    (B, H, W, 3) -> (B, H, W, 1) metres. Raises ValueError for a size that is not a multiple of 32
+    (``check_input_shape``) or is larger than the model's.
+    """
+    full = tuple(model.input_shape[1:3])
+    size = tuple(int(n) for n in input_size)
+    try:
+        check_input_shape((*size, 3))
+    except ValueError as error:
+        raise ValueError(f"--input_size: {error}") from None
+    if size[0] > full[0] or size[1] > full[1]:
+        raise ValueError(f"--input_size: {size[0]}x{size[1]} is larger than the model's input "
+                         f"{full[0]}x{full[1]}; a reduced-resolution export must be smaller")
+    network = deploy_model(model)
+    if size == full:
+        return network
+    small = deploy_model(at_input_size(model, size))
+    image = keras.Input((*full, 3), name="image")
+    x = keras.layers.Resizing(*size, interpolation="bilinear", name="resize_to_network")(image)
+    depth = keras.layers.Resizing(*full, interpolation="bilinear", name="resize_to_input")(small(x))
+    return keras.Model(image, depth, name=f"{model.name}_{size[0]}x{size[1]}")
