@@ -1,10 +1,11 @@
 """TFLite export of a trained depth model: conversion, verification against Keras, atomic write.
 
-design.md §5. The depth-only inference graph (``mdekd.models.inference_model``) is converted at the
-model's fixed input size with ``tf.lite.TFLiteConverter.from_keras_model`` (toolchain.md §2: the
-route that keeps the weights; ``from_concrete_functions`` with a ``trackable_obj`` writes a model
-without weights that outputs NaN). The modes (``none``/fp32, ``fp16``, ``dynamic``, ``int8``) and
-their gates are the table of ``mdekd.quantization``.
+design.md §5. The deployed graph (``mdekd.models.deploy_model``: depth only, head before the last
+upsampling) is converted at the model's fixed input size from a SavedModel with one signature,
+``image`` -> ``depth`` (toolchain.md §2, §21; ``from_concrete_functions`` with a ``trackable_obj``
+writes a model without weights that outputs NaN). The modes (``none``/fp32, ``fp16``, ``dynamic``,
+``int8``) and their gates are the table of ``mdekd.quantization``; int8 keeps the output tail in
+float (toolchain.md §19).
 
 Every conversion is then loaded with LiteRT (XNNPACK, explicit thread count), refused if it holds
 a CUSTOM or Flex op (toolchain.md §3: the pip runtime cannot run them), run on held-out images and
@@ -192,7 +193,7 @@ SIGNATURE_KEY = "serving_default"
 def _converter(network):
     """A ``TFLiteConverter`` for ``network`` whose signature reads ``image`` (1, H, W, 3) and
     returns ``depth`` (1, H, W, 1): the network as a SavedModel with that one endpoint
-    (``keras.export.ExportArchive``, then ``from_saved_model``, toolchain.md §2). The SavedModel
+    (``keras.export.ExportArchive``, then ``from_saved_model``, toolchain.md §2, §21). The SavedModel
     lives in a temporary folder for as long as the converter is used."""
     import tempfile
 
