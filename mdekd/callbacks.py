@@ -136,8 +136,10 @@ class ValidationMetrics(keras.callbacks.Callback):
     """
 
     def __init__(self, network, data_dir, dataset, max_images=None, **layout_options):
+        from mdekd.tflite_runner import KerasRunner
+
         super().__init__()
-        self.network = network
+        self.runner = KerasRunner(network)  # one traced forward pass for the whole run
         self.data_dir = data_dir
         self.dataset = dataset
         self.max_images = max_images
@@ -146,7 +148,7 @@ class ValidationMetrics(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         from mdekd.evaluate import evaluate_model
 
-        result = evaluate_model(self.network, self.data_dir, self.dataset, max_images=self.max_images,
+        result = evaluate_model(self.runner, self.data_dir, self.dataset, max_images=self.max_images,
                                 **self.layout_options)
         if logs is not None:
             logs.update({f"val_{name}": value for name, value in result["metrics"].items()})

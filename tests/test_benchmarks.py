@@ -174,3 +174,24 @@ def test_batchnorm_statistics_are_set_from_the_images_and_momentum_restored():
     np.testing.assert_allclose(normalised.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
     np.testing.assert_allclose(normalised.var(axis=(0, 1, 2)), 1.0, rtol=1e-2)
     assert norm.momentum == 0.9
+
+
+def test_resolution_study_exports_each_network_size_at_the_camera_size(tmp_path):
+    import keras
+
+    from benchmark import resolution
+    from mdekd.data.synthetic import generate_dataset
+    from mdekd.models import build_student
+
+    keras.utils.set_random_seed(0)
+    build_student((64, 64, 3), alpha=0.25).save(tmp_path / "student.keras")
+    data = generate_dataset(tmp_path / "scenes", train=3, validation=2, height=96, width=96, seed=0,
+                            workers=1, progress=False)
+    payload = resolution.benchmark_resolution(tmp_path / "student.keras", data, "synthetic", (96, 96),
+                                              [(96, 96), (64, 64)], threads=1, runs=2, num_calibration=3,
+                                              output_dir=tmp_path / "out", log=lambda *a: None)
+    rows = [(tuple(r["network_size"]), r["mode"]) for r in payload["results"]]
+    assert rows == [((96, 96), "none"), ((96, 96), "int8"), ((64, 64), "none"), ((64, 64), "int8")]
+    assert all(r["metrics"]["si_rmse"] > 0 and r["median_ms"] > 0 for r in payload["results"])
+    assert (tmp_path / "out" / "resolution.md").read_text().count("| 64x64 |") == 2
+    assert resolution.parse_sizes("480x640,240x320") == [(480, 640), (240, 320)]
