@@ -16,6 +16,7 @@ student: fp16 <= 0.1 %, int8 <= 2 %. An untrained (smoke) model says nothing abo
 import os
 import tempfile
 
+import numpy as np
 from absl import app, flags
 
 from benchmark import common
@@ -53,16 +54,23 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
     """Evaluate ``model_path`` as Keras and as each TFLite variant; returns the accuracy.json payload."""
     from mdekd import export
     from mdekd.evaluate import evaluate_model
-    from mdekd.tflite_runner import TFLiteRunner, depth_only_model, load_keras_model
+    from mdekd.tflite_runner import KerasRunner, TFLiteRunner, depth_only_model, load_keras_model
 
     machine = common.machine_info()
     trained = load_keras_model(model_path)
     network = depth_only_model(trained)
     input_size = tuple(network.input_shape[1:3])
+    from mdekd.data import list_pairs, read_rgb
+    from mdekd.predict import resize_image
+
+    pairs = list_pairs(data_dir, split, dataset)[:max_images]
+    images = np.stack([resize_image(read_rgb(rgb), input_size) for rgb, _ in pairs])
+    keras_runner = KerasRunner(network)
+    keras_depth = keras_runner.predict(images)
     results = []
     for variant in variants:
         if variant == "keras":
-            model, size = network, os.path.getsize(model_path)
+            model, size = keras_runner, os.path.getsize(model_path)
         else:
             calibration = None
             if mode_of_label(variant).integer_only:
@@ -74,7 +82,10 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
         log(f"evaluating {variant}")
         evaluation = evaluate_model(model, data_dir, dataset, split, num_threads=num_threads,
                                     max_images=max_images, median_scaling=True)
+        pixels = export.relative_errors(keras_depth, model.predict(images))  # vs Keras, model size
         results.append({"variant": variant, "size_bytes": size, **evaluation,
+                        "pixel_mean_relative_diff": pixels["mean_relative_diff"],
+                        "pixel_p99_relative_diff": pixels["p99_relative_diff"],
                         "model": os.path.abspath(model_path)})
     reference = next((r for r in results if r["variant"] == "keras"), None)
     for r in results:
@@ -90,11 +101,12 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
              common.fmt(r["median_scaled_metrics"]["rmse"], 4), common.fmt(r["median_scaled_metrics"]["abs_rel"], 4),
              common.fmt(r["median_scaled_metrics"]["delta1"], 4),
              common.fmt(100 * r["si_rmse_change"], 3) if "si_rmse_change" in r else "",
+             common.fmt(100 * r["pixel_mean_relative_diff"], 2), common.fmt(100 * r["pixel_p99_relative_diff"], 2),
              "" if r["si_rmse_target"] is None else f"<= {100 * r['si_rmse_target']:g} %",
              {None: "", True: "yes", False: "NO"}[r["target_met"]]] for r in results]
     table = common.markdown_table(
         ["variant", "size MB", "si_rmse", "rmse", "abs_rel", "rmse (med.)", "abs_rel (med.)", "delta1 (med.)",
-         "Δ si-RMSE %", "target", "met"], rows)
+         "Δ si-RMSE %", "Δ px mean %", "Δ px p99 %", "target", "met"], rows)
     first = results[0] if results else {}
     notes = [f"Model {model_path} at {input_size[0]}x{input_size[1]}; {first.get('num_images')} images of the "
              f"{split} split of {data_dir} ({dataset}); prediction resized to the truth (mdekd.evaluate); "

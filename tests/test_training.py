@@ -363,7 +363,7 @@ def test_bad_distillation_settings_are_refused_naming_the_flag(teacher_run, data
 def test_unlabeled_dir_missing_or_without_images_is_refused(teacher_run, data_dir, photos, tmp_path):
     from mdekd.train_config import validate_config
 
-    with pytest.raises(FileNotFoundError, match="--unlabeled_dir: folder not found"):
+    with pytest.raises(FileNotFoundError, match="--unlabeled_dir: no such file or folder"):
         validate_config(distill_config(tmp_path, teacher_run, data_dir, photos,
                                        unlabeled_dir=str(tmp_path / "nowhere")))
     (tmp_path / "empty").mkdir()
