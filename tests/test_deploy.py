@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+from benchmark.latency import estimate_batchnorm_statistics
 from mdekd import export
 from mdekd.models import build_student, build_teacher, deploy_model, inference_model, set_depth_prior
 from mdekd.models.deploy import output_tail
@@ -16,15 +17,8 @@ SIZE = (64, 96)
 
 
 def trained_like(model, images):
-    """BatchNorm statistics from one pass over ``images`` (momentum 0): activations of the scale a
-    trained network has, which random initial statistics (mean 0, variance 1) do not give."""
-    layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0
-    model(images, training=True)
-    for layer, momentum in zip(layers, momenta):
-        layer.momentum = momentum
+    """BatchNorm statistics from one pass over ``images``: activations of a trained network's scale."""
+    estimate_batchnorm_statistics(model, images)
     return model
 
 

@@ -14,13 +14,11 @@ from keras import ops
 from mdekd.constants import MIN_DEPTH
 
 
-@keras.saving.register_keras_serializable(package="mdekd")
-class UpsampleBilinearAlignCorners(keras.layers.Layer):
-    """Bilinear ×factor upsampling with ``align_corners=True`` (PyTorch ``nn.Upsample`` semantics).
+class _UpsampleByFactor(keras.layers.Layer):
+    """×factor upsampling with one ``tf.raw_ops`` resize: (B, H, W, C) -> (B, f·H, f·W, C).
 
-    (B, H, W, C) -> (B, factor·H, factor·W, C). Corner pixels of input and output coincide, as in
-    the Xian et al. decoder. Lowers to TFLite ``RESIZE_BILINEAR(align_corners=True)``; uses the
-    static H, W when they are known at build time (the models are built for a fixed input size).
+    Uses the static H, W when they are known at build time (the models are built for a fixed
+    input size), so the TFLite op gets a constant size. Subclasses choose the resize.
     """
 
     def __init__(self, factor=2, **kwargs):
@@ -33,8 +31,7 @@ class UpsampleBilinearAlignCorners(keras.layers.Layer):
             size = tf.shape(inputs)[1:3] * self.factor
         else:
             size = tf.constant([height * self.factor, width * self.factor], tf.int32)
-        # tf.image.resize (v2) has no align_corners; this op is the one TFLite and XLA implement.
-        return tf.raw_ops.ResizeBilinear(images=inputs, size=size, align_corners=True, half_pixel_centers=False)
+        return self._resize(inputs, size)
 
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = input_shape
@@ -46,8 +43,21 @@ class UpsampleBilinearAlignCorners(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="mdekd")
-class UpsampleNearest(keras.layers.Layer):
-    """Nearest-neighbour ×factor upsampling: (B, H, W, C) -> (B, factor·H, factor·W, C).
+class UpsampleBilinearAlignCorners(_UpsampleByFactor):
+    """Bilinear ×factor upsampling with ``align_corners=True`` (PyTorch ``nn.Upsample`` semantics).
+
+    Corner pixels of input and output coincide, as in the Xian et al. decoder. Lowers to TFLite
+    ``RESIZE_BILINEAR(align_corners=True)``.
+    """
+
+    def _resize(self, inputs, size):
+        # tf.image.resize (v2) has no align_corners; this op is the one TFLite and XLA implement.
+        return tf.raw_ops.ResizeBilinear(images=inputs, size=size, align_corners=True, half_pixel_centers=False)
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class UpsampleNearest(_UpsampleByFactor):
+    """Nearest-neighbour ×factor upsampling.
 
     Each output pixel copies input pixel (⌊y/factor⌋, ⌊x/factor⌋), as PyTorch's
     ``F.interpolate(mode="nearest")`` in the FastDepth reference and Keras' nearest
@@ -55,27 +65,10 @@ class UpsampleNearest(keras.layers.Layer):
     where ``UpSampling2D`` lowers to a TILE + RESHAPE chain (docs/toolchain.md §5).
     """
 
-    def __init__(self, factor=2, **kwargs):
-        super().__init__(**kwargs)
-        self.factor = int(factor)
-
-    def call(self, inputs):
-        height, width = inputs.shape[1], inputs.shape[2]
-        if height is None or width is None:
-            size = tf.shape(inputs)[1:3] * self.factor
-        else:
-            size = tf.constant([height * self.factor, width * self.factor], tf.int32)
+    def _resize(self, inputs, size):
         # half_pixel_centers=False with align_corners=False is the floor(y / factor) rule.
         return tf.raw_ops.ResizeNearestNeighbor(images=inputs, size=size, align_corners=False,
                                                 half_pixel_centers=False)
-
-    def compute_output_shape(self, input_shape):
-        batch, height, width, channels = input_shape
-        scale = lambda n: None if n is None else n * self.factor  # noqa: E731
-        return (batch, scale(height), scale(width), channels)
-
-    def get_config(self):
-        return {**super().get_config(), "factor": self.factor}
 
 
 @keras.saving.register_keras_serializable(package="mdekd")
