@@ -160,9 +160,9 @@ def convert(model, mode, representative_images=None):
 
     model: ``keras.Model`` with a fixed (H, W, 3) input; dict outputs are reduced to ``depth``.
     mode: a ``mdekd.quantization`` mode name. representative_images: for ``int8`` only (required):
-    an iterable of (H, W, 3) or (1, H, W, 3) float32 images in [0, 1] at the model size, iterated once.
+    a re-iterable (a list, ``CalibrationImages``) of (H, W, 3) or (1, H, W, 3) float32 images in
+    [0, 1] at the model size.
     """
-
     from mdekd.models import deploy_model
 
     quant_mode = get_mode(mode)

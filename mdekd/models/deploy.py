@@ -100,9 +100,8 @@ def reduced_resolution_model(model, input_size):
     if size[0] > full[0] or size[1] > full[1]:
         raise ValueError(f"--input_size: {size[0]}x{size[1]} is larger than the model's input "
                          f"{full[0]}x{full[1]}; a reduced-resolution export must be smaller")
-    network = deploy_model(model)
     if size == full:
-        return network
+        return deploy_model(model)
     small = deploy_model(at_input_size(model, size))
     image = keras.Input((*full, 3), name="image")
     x = keras.layers.Resizing(*size, interpolation="bilinear", name="resize_to_network")(image)
