@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mdekd.distill import DISTILL_STRIDES
-from mdekd.models import build_student, build_teacher, student as student_module
+from mdekd.models import build_student, build_teacher, mobilenet as mobilenet_module
 from mdekd.models.alignment import (alignment_offsets, cell_centres, make_kernels_point_symmetric,
                                     probe_cells)
 
@@ -33,7 +33,7 @@ def test_student_and_teacher_cells_are_within_half_a_cell_at_every_distilled_str
 
 def test_keras_mobilenet_padding_puts_the_stride2_map_a_cell_off(monkeypatch):
     # The probe must see the misalignment that motivated the padding table.
-    monkeypatch.setattr(student_module, "STRIDE2_PADDING", KERAS_PADDING)
+    monkeypatch.setattr(mobilenet_module, "STRIDE2_PADDING", KERAS_PADDING)
     offsets = probe_pair("resnest14")
     assert offsets["stride2"]["mean_cells"] > 0.8
     assert offsets["stride4"]["mean_cells"] > 0.5

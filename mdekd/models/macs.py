@@ -1,6 +1,7 @@
 """Parameter and multiply-accumulate counts from a Keras graph's static shapes.
 
-MACs are those of Conv2D (grouped too), DepthwiseConv2D and Dense, per image (batch excluded);
+MACs are those of Conv2D (grouped too), DepthwiseConv2D, Dense and of layers that report their own
+(``multiply_accumulates()``: the attention layers' matrix products), per image (batch excluded);
 bias additions, BatchNorm, activations, pooling and resizing are not counted (the FastDepth
 convention: 0.737 GMACs at 224×224 for the reference student).
 """
@@ -32,6 +33,8 @@ def _parameters(layer):
 
 def layer_macs(layer):
     """Multiply-accumulates of one layer for one image, from its static output shape."""
+    if hasattr(layer, "multiply_accumulates"):
+        return int(layer.multiply_accumulates())
     if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
         return 0
     output_shape = tuple(layer.output.shape[1:])
