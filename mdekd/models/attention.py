@@ -29,6 +29,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.num_heads = int(num_heads)
 
     def build(self, input_shape):
+        self.input_spec_shape = tuple(input_shape)  # for multiply_accumulates
         dim = input_shape[-1]
         if dim % self.num_heads:
             raise ValueError(f"{self.name}: width {dim} is not divisible by num_heads={self.num_heads}")
@@ -58,7 +59,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
     def multiply_accumulates(self):
         """Per image: four d×d projections of P·N tokens, then q kᵀ and weights·v (P·N·N·d each)."""
-        _, patch_pixels, patches, dim = self.input.shape
+        _, patch_pixels, patches, dim = self.input_spec_shape
         return patch_pixels * (4 * patches * dim * dim + 2 * patches * patches * dim)
 
     def get_config(self):
@@ -80,6 +81,7 @@ class DualAttention(keras.layers.Layer):
         self.reduction = int(reduction)
 
     def build(self, input_shape):
+        self.input_spec_shape = tuple(input_shape)  # for multiply_accumulates
         channels = input_shape[-1]
         reduced = max(channels // self.reduction, 1)
         for name, width in (("query", reduced), ("key", reduced), ("value", channels)):
@@ -108,7 +110,7 @@ class DualAttention(keras.layers.Layer):
 
     def multiply_accumulates(self):
         """Per image: the three projections, q kᵀ and weights·v (position), X Xᵀ and weights·X (channel)."""
-        _, height, width, channels = self.input.shape
+        _, height, width, channels = self.input_spec_shape
         positions, reduced = height * width, max(channels // self.reduction, 1)
         projections = positions * channels * (2 * reduced + channels)
         return projections + positions * positions * (reduced + channels) + 2 * positions * channels * channels
