@@ -67,7 +67,11 @@ flags.DEFINE_string("teacher", _D.teacher, "Teacher .keras file, or teacher weig
 flags.DEFINE_string("teacher_encoder", _D.teacher_encoder, "ResNeSt variant of the teacher.")
 flags.DEFINE_integer("teacher_decoder_channels", _D.teacher_decoder_channels,
                      "Width of the teacher's fusion decoder (256 in the paper).")
-flags.DEFINE_float("student_alpha", _D.student_alpha, "MobileNet width multiplier of the student.")
+flags.DEFINE_string("student_encoder", _D.student_encoder,
+                    "Student encoder: mobilenet (FastDepth) | mobilevit_xxs | mobilevit_xs | mobilevit_s.")
+flags.DEFINE_string("decoder_attention", _D.decoder_attention,
+                    "Student decoder attention on the stride-32 map: '' (none) | dual (position + channel).")
+flags.DEFINE_float("student_alpha", _D.student_alpha, "Width multiplier of the student's encoder and decoder.")
 flags.DEFINE_enum("upsampling", _D.upsampling, list(UPSAMPLING_MODES), "Student decoder upsampling.")
 flags.DEFINE_enum("depth_output", _D.depth_output, list(DEPTH_OUTPUTS),
                   "Student head activation: softplus (depth ≈ head value) or log (the head predicts "

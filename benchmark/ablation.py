@@ -47,7 +47,10 @@ flags.DEFINE_integer("width", 160, "Input width (multiple of 32).")
 flags.DEFINE_string("teacher_encoder", "resnest26", "ResNeSt variant of the teacher.")
 flags.DEFINE_integer("teacher_decoder_channels", 64, "Teacher fusion-decoder width.")
 flags.DEFINE_integer("teacher_steps", 600, "Teacher optimiser steps (all labelled frames).")
-flags.DEFINE_float("student_alpha", 1.0, "MobileNet width multiplier of the student (1 = paper).")
+flags.DEFINE_float("student_alpha", 1.0, "Width multiplier of the student (1 = paper).")
+flags.DEFINE_string("student_encoder", "mobilenet", "Student encoder (mobilenet = FastDepth, the paper's).")
+flags.DEFINE_string("decoder_attention", "", "Student decoder attention: '' (none) or 'dual'.")
+flags.DEFINE_list("arms", [], "Arms to run (default: all of each protocol), e.g. direct,response.")
 flags.DEFINE_integer("paper_steps", 400, "Student steps of the paper protocol.")
 flags.DEFINE_integer("scarce_steps", 800, "Student steps of the label-scarce protocol.")
 flags.DEFINE_integer("labelled_frames", 150, "Labelled training frames of the label-scarce students.")
@@ -87,6 +90,17 @@ def settings():
     unknown = sorted(set(values["protocols"]) - {"paper", "label_scarce"})
     if unknown:
         raise app.UsageError(f"--protocols: unknown {unknown}; expected paper, label_scarce")
+    from mdekd.models.student import check_student_options
+
+    try:
+        check_student_options(values["student_encoder"], values["decoder_attention"],
+                              names=("--student_encoder", "--decoder_attention"))
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    known_arms = {name for protocol in ("paper", "label_scarce") for name, _, _ in arms(protocol, {}, {}, "")}
+    if set(values["arms"]) - known_arms:
+        raise app.UsageError(f"--arms: unknown {sorted(set(values['arms']) - known_arms)}; "
+                             f"expected some of {sorted(known_arms)}")
     return values
 
 
@@ -155,7 +169,8 @@ def base_config(s, **fields):
 
     return TrainConfig(height=s["height"], width=s["width"], batch_size=s["batch_size"],
                        learning_rate=s["learning_rate"], schedule="onecycle", augment=False,
-                       student_alpha=s["student_alpha"], teacher_encoder=s["teacher_encoder"],
+                       student_alpha=s["student_alpha"], student_encoder=s["student_encoder"],
+                       decoder_attention=s["decoder_attention"], teacher_encoder=s["teacher_encoder"],
                        teacher_decoder_channels=s["teacher_decoder_channels"], **fields)
 
 
@@ -240,9 +255,17 @@ def affinity_targets(s, teacher_path, root, dataset, out):
 
 # ------------------------------------------------------------------------------------------- arms
 
+def student_label(s):
+    """'' for the paper's FastDepth student, else the student's name (run tags, result files)."""
+    from mdekd.models.student import student_name
+
+    name = student_name(s["student_encoder"], s["decoder_attention"] or None)
+    return "" if name == "fastdepth" else name
+
+
 def arms(protocol, grid, s, photos):
     """(name, paper_exact, config fields) of each arm of ``protocol``."""
-    unlabelled = dict(unlabeled_dir=str(photos), unlabeled_ratio=s["unlabeled_ratio"])
+    unlabelled = dict(unlabeled_dir=str(photos), unlabeled_ratio=s.get("unlabeled_ratio", 0.0))
     best_pairwise = dict(lambda_d=1.0, pool_scale=grid, feature_activation="relu")
     if protocol == "paper":
         return [("direct", False, dict(mode="student")),
@@ -258,11 +281,12 @@ def arms(protocol, grid, s, photos):
 def run_protocol(protocol, s, teacher, grid, root, photos, out, command, start):
     steps = s["paper_steps"] if protocol == "paper" else s["scarce_steps"]
     data_dir = root if protocol == "paper" else out / "label_scarce_data" / "labelled"
-    table = arms(protocol, grid, s, photos)
+    table = [arm for arm in arms(protocol, grid, s, photos) if not s["arms"] or arm[0] in s["arms"]]
+    student = student_label(s)
     results = {name: [] for name, _, _ in table}
     for seed in s["seeds"]:  # seed-major: a partial run has every arm on its first seeds
         for name, _, fields in table:
-            tag = f"{protocol}_{name}_seed{seed}"
+            tag = "_".join(filter(None, (protocol, student, name, f"seed{seed}")))
             config = base_config(s, dataset="mai2021", data_dir=str(data_dir), seed=seed,
                                  teacher=teacher["model"], teacher_cache=True,
                                  output_dir=str(out / tag), **fields)
@@ -272,13 +296,13 @@ def run_protocol(protocol, s, teacher, grid, root, photos, out, command, start):
         "protocol": protocol, "command": command,
         "wall_minutes": (time.perf_counter() - start) / 60,
         "machine": "2 vCPU, no GPU (the project's development machine)",
-        "steps": steps, "teacher": {"si_rmse": teacher["metrics"]["si_rmse"],
+        "student": student or "fastdepth", "steps": steps, "teacher": {"si_rmse": teacher["metrics"]["si_rmse"],
                                     "metrics": teacher["metrics"]},
         "settings": {k: v for k, v in s.items() if k not in ("smoke", "paper")},
-        "arms": [arm_summary(name, exact, fields, s["seeds"], results[name], results["direct"])
+        "arms": [arm_summary(name, exact, fields, s["seeds"], results[name], results.get("direct"))
                  for name, exact, fields in table],
     }
-    path = pathlib.Path(s["results_dir"]) / f"{protocol}.json"
+    path = pathlib.Path(s["results_dir"]) / f"{'_'.join(filter(None, (protocol, student)))}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, json.dumps(report, indent=2, default=str))
     table_text = format_table(report)
@@ -295,8 +319,9 @@ def arm_summary(name, paper_exact, fields, seeds, runs, direct):
         summary[f"per_seed_{metric}"] = [r["metrics"][metric] for r in runs]
         summary[f"per_seed_{metric}_median_scaled"] = [r["median_scaled_metrics"][metric] for r in runs]
     if name != "direct":
-        summary.update(paired_comparison(summary["per_seed_si_rmse"],
-                                         [r["metrics"]["si_rmse"] for r in direct]))
+        if direct:
+            summary.update(paired_comparison(summary["per_seed_si_rmse"],
+                                             [r["metrics"]["si_rmse"] for r in direct]))
     return summary
 
 
@@ -316,7 +341,8 @@ def paired_comparison(arm, direct):
 
 
 def format_table(report):
-    lines = [f"protocol `{report['protocol']}`: {report['steps']} student steps; teacher si-RMSE "
+    lines = [f"protocol `{report['protocol']}`, student {report.get('student', 'fastdepth')}: "
+             f"{report['steps']} student steps; teacher si-RMSE "
              f"{report['teacher']['si_rmse']:.4f}\n",
              "| arm | paper-exact | seeds | si-RMSE | RMSE (m) | rel | δ1 | Δ si-RMSE vs direct | rel. Δ | p |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -187,13 +187,42 @@ def worker_benchmark_main(program, run_benchmark, run_worker):
     return main
 
 
+NETWORK_FLAGS = ("student_encoder", "decoder_attention", "student_alpha", "teacher_encoder",
+                 "teacher_decoder_channels")
+
+
 def define_network_flags():
     """The flags that choose the student and teacher a benchmark builds (random weights)."""
     from absl import flags
 
-    flags.DEFINE_float("student_alpha", 1.0, "MobileNet width multiplier of the student.")
+    flags.DEFINE_string("student_encoder", "mobilenet", "Student encoder, a key of mdekd.models.STUDENT_ENCODERS.")
+    flags.DEFINE_string("decoder_attention", "", "Student decoder attention: '' (none) or 'dual'.")
+    flags.DEFINE_float("student_alpha", 1.0, "Width multiplier of the student.")
     flags.DEFINE_string("teacher_encoder", "resnest101", "ResNeSt variant of the teacher.")
     flags.DEFINE_integer("teacher_decoder_channels", 256, "Teacher decoder width.")
+
+
+def network_config(flag_values):
+    """The network flags' values as a config dict; an unregistered student is refused here."""
+    from mdekd.models.student import check_student_options
+
+    config = {name: flag_values[name].value for name in NETWORK_FLAGS}
+    check_student_options(config["student_encoder"], config["decoder_attention"],
+                          names=("--student_encoder", "--decoder_attention"))
+    return config
+
+
+def student_options(config):
+    """``build_student`` keyword arguments of a benchmark config."""
+    return dict(encoder=config.get("student_encoder", "mobilenet"),
+                decoder_attention=config.get("decoder_attention") or None, alpha=config["student_alpha"])
+
+
+def student_tag(config):
+    """A file-name tag of the student a config builds, e.g. ``mobilevit_xs_dual_alpha1.0``."""
+    parts = (config.get("student_encoder", "mobilenet"), config.get("decoder_attention") or "",
+             f"alpha{config['student_alpha']}")
+    return "_".join(p for p in parts if p)
 
 
 def define_worker_flags():

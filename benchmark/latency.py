@@ -124,7 +124,7 @@ def build_model(name, config, upsampling="bilinear", images=None):
         model = build_teacher(shape, encoder=config["teacher_encoder"],
                               decoder_channels=config["teacher_decoder_channels"])
     else:
-        model = build_student(shape, alpha=config["student_alpha"], upsampling=upsampling)
+        model = build_student(shape, upsampling=upsampling, **common.student_options(config))
     if images is not None:
         batch = BATCHNORM_IMAGES["teacher" if name == "teacher" else "student"]
         estimate_batchnorm_statistics(model, np.stack(images[:batch]))
@@ -148,7 +148,7 @@ def prepare_models(config, work_dir, log=print):
     entries = []
     for name, upsampling, variants in jobs:
         label = f"student_{upsampling}" if upsampling == "nearest" else name
-        tag = (f"alpha{config['student_alpha']}" if name == "student"
+        tag = (common.student_tag(config) if name == "student"
                else f"{config['teacher_encoder']}_dc{config['teacher_decoder_channels']}") + "_bnstats"
         stem = os.path.join(work_dir, f"{label}_{tag}_{size[0]}x{size[1]}")
         model = None
@@ -340,8 +340,7 @@ def config_from_flags():
         "height": FLAGS.height, "width": FLAGS.width,
         "runs": FLAGS.runs, "teacher_runs": FLAGS.teacher_runs, "warmup": FLAGS.warmup,
         "threads": common.parse_int_list(FLAGS.threads, "threads"),
-        "compare_upsampling": FLAGS.compare_upsampling, "student_alpha": FLAGS.student_alpha,
-        "teacher_encoder": FLAGS.teacher_encoder, "teacher_decoder_channels": FLAGS.teacher_decoder_channels,
+        "compare_upsampling": FLAGS.compare_upsampling, **common.network_config(FLAGS),
         "num_calibration": FLAGS.num_calibration, "sgemm_size": FLAGS.sgemm_size,
     }
     if FLAGS.smoke:

@@ -70,7 +70,7 @@ def _networks(spec, kind):
 
     keras.utils.set_random_seed(0)
     shape = (spec["height"], spec["width"], 3)
-    student = build_student(shape, alpha=spec["student_alpha"]) if kind in ("student", "distill") else None
+    student = build_student(shape, **common.student_options(spec)) if kind in ("student", "distill") else None
     teacher = (build_teacher(shape, encoder=spec["teacher_encoder"],
                              decoder_channels=spec["teacher_decoder_channels"])
                if kind in ("teacher", "distill") else None)
@@ -146,7 +146,7 @@ def benchmark_throughput(config, output_dir, log=print):
     table = common.markdown_table(
         ["config", "what", "images/s", "median step ms", "p90 step ms", "steps", "peak RSS MB"], rows)
     notes = [f"Batch {config['batch_size']} at {config['height']}×{config['width']}, random weights, "
-             f"student α={config['student_alpha']}, teacher {config['teacher_encoder']} "
+             f"student {common.student_tag(config)}, teacher {config['teacher_encoder']} "
              f"(decoder {config['teacher_decoder_channels']}); data {config['data_dir'] or 'synthetic scenes'}; "
              f"each configuration in its own process.",
              f"Machine: {machine['cpu']}, {machine['cpu_count']} cores; load average before "
@@ -161,8 +161,7 @@ def config_from_flags():
         "configs": FLAGS.configs, "height": FLAGS.height, "width": FLAGS.width,
         "batch_size": FLAGS.batch_size, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
         "data_dir": FLAGS.data_dir, "dataset": FLAGS.dataset, "augment": FLAGS.augment,
-        "student_alpha": FLAGS.student_alpha, "teacher_encoder": FLAGS.teacher_encoder,
-        "teacher_decoder_channels": FLAGS.teacher_decoder_channels, "threads": FLAGS.threads,
+        **common.network_config(FLAGS), "threads": FLAGS.threads,
     }
     if FLAGS.smoke:
         config.update(height=64, width=64, batch_size=2, steps=2, warmup=1, student_alpha=0.25,

@@ -56,6 +56,8 @@ class TrainConfig:
     teacher: str = ""
     teacher_encoder: str = "resnest101"
     teacher_decoder_channels: int = 256
+    student_encoder: str = "mobilenet"  # a key of mdekd.models.STUDENT_ENCODERS
+    decoder_attention: str = ""  # "" (none) or a key of mdekd.models.DECODER_ATTENTIONS
     student_alpha: float = 1.0
     upsampling: str = "bilinear"
     depth_output: str = "softplus"  # "log": the head predicts log depth (int8-friendly)
@@ -95,6 +97,11 @@ def validate_config(config):
     elif config.unlabeled_dir or config.lambda_response:
         raise ValueError("--unlabeled_dir and --lambda_response need --mode=distill (a teacher)")
     losses.check_variance_focus(config.variance_focus, "--variance_focus")
+    if config.mode != "teacher":
+        from mdekd.models.student import check_student_options
+
+        check_student_options(config.student_encoder, config.decoder_attention,
+                              names=("--student_encoder", "--decoder_attention"))
     if unlabeled_per_batch(config):
         from mdekd.data import list_images
 

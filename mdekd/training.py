@@ -212,7 +212,8 @@ def build_network(config):
                                         decoder_channels=config.teacher_decoder_channels)
     else:
         def rebuild():
-            return models.build_student(config.input_shape, encoder_weights=weights,
+            return models.build_student(config.input_shape, encoder=config.student_encoder,
+                                        decoder_attention=config.decoder_attention, encoder_weights=weights,
                                         upsampling=config.upsampling, alpha=config.student_alpha,
                                         depth_output=config.depth_output)
     network = rebuild()

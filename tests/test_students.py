@@ -177,3 +177,13 @@ def test_unknown_attention_lists_the_registered_ones():
 def test_attention_student_refuses_a_size_that_is_not_a_multiple_of_32():
     with pytest.raises(ValueError, match="multiples of 32"):
         build_student((100, 64, 3), encoder="mobilevit_xs")
+
+
+def test_cost_breakdown_puts_mobilevit_patch_layers_in_their_map_stride():
+    from mdekd.models import cost_breakdown
+
+    model = build_student((128, 160, 3), encoder="mobilevit_xxs", alpha=ALPHA)
+    stages = list(cost_breakdown(model))
+    assert [s for s in stages if s.startswith("encoder/")] == [
+        "encoder/stride2", "encoder/stride4", "encoder/stride8", "encoder/stride16", "encoder/stride32"]
+    assert sum(p for p, _ in cost_breakdown(model).values()) == trainable_parameter_count(model)

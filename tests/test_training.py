@@ -109,6 +109,23 @@ def test_unknown_distilled_stride_is_refused(teacher_run, tmp_path):
         validate_config(config)
 
 
+def test_unknown_student_encoder_and_attention_are_refused_naming_the_flag(tmp_path):
+    from mdekd.train_config import validate_config
+
+    with pytest.raises(ValueError, match="--student_encoder: .*'vgg'; registered: mobilenet, mobilevit_xxs"):
+        validate_config(tiny_config(tmp_path, student_encoder="vgg"))
+    with pytest.raises(ValueError, match="--decoder_attention: .*'axial'; registered: dual"):
+        validate_config(tiny_config(tmp_path, decoder_attention="axial"))
+
+
+def test_student_encoder_and_attention_choose_the_network_trained(tmp_path):
+    from mdekd.training import build_network
+
+    network, rebuild = build_network(tiny_config(tmp_path, student_encoder="mobilevit_xxs", decoder_attention="dual"))
+    assert network.name == rebuild().name == "mobilevit_xxs_nnconv5_dual"
+    assert network.get_layer("decoder_dual_attention") is not None
+
+
 def test_unknown_mode_and_unknown_flag_are_refused_by_the_cli():
     result = run_train("--mode=pupil")
     assert result.returncode != 0 and "--mode" in result.stderr

@@ -67,13 +67,13 @@ def cost_breakdown(model):
     network built from Keras layers is broken down alike, whatever its layer names. Layers without
     parameters or MACs are left out.
     """
-    input_height = model.input_shape[1]
+    input_size = tuple(model.input_shape[1:3])
     costs = OrderedDict()
     stride = "stride1"
     for path, layer in iter_layers_with_path(model):
         # Layers on a globally pooled 1×1 map (split / channel attention) belong to the block
         # they gate, i.e. to the stride of the last spatial layer before them.
-        stride = _stage_of(layer, input_height, previous=stride)
+        stride = _stage_of(layer, input_size, previous=stride)
         params = trainable_parameter_count(layer)
         macs = layer_macs(layer)
         if params == 0 and macs == 0:
@@ -94,10 +94,14 @@ def cost_table(model):
     return "\n".join(lines)
 
 
-def _stage_of(layer, input_height, previous):
+def _stage_of(layer, input_size, previous):
     """``stride<s>`` of a layer's (first) 4-D output; ``previous`` for a 1×1 (pooled) map or a
-    non-spatial output (e.g. Dense)."""
+    non-spatial output (Dense on tokens, MobileViT's (B, P, N, d) patches: their height and width
+    ratios to the input disagree)."""
     output = layer.output[0] if isinstance(layer.output, (list, tuple)) else layer.output
-    if len(output.shape) != 4 or not output.shape[1] or not input_height or output.shape[1] == 1 < input_height:
+    if len(output.shape) != 4 or not all(output.shape[1:3]) or not all(input_size):
         return previous
-    return f"stride{max(int(round(input_height / output.shape[1])), 1)}"
+    if output.shape[1] == 1 < input_size[0]:
+        return previous
+    strides = {max(int(round(size / n)), 1) for size, n in zip(input_size, output.shape[1:3])}
+    return f"stride{strides.pop()}" if len(strides) == 1 else previous

@@ -61,13 +61,14 @@ STUDENT_ENCODERS = {
 DECODER_ATTENTIONS = {None: None, "dual": DualAttention}
 
 
-def check_student_options(encoder, decoder_attention, flag_prefix=""):
-    """Raise ValueError listing the registered names for an unknown encoder or attention."""
+def check_student_options(encoder, decoder_attention, names=("encoder", "decoder_attention")):
+    """Raise ValueError listing the registered names for an unknown encoder or attention;
+    ``names`` are what the message calls the two settings (e.g. the flags)."""
     if encoder not in STUDENT_ENCODERS:
-        raise ValueError(f"{flag_prefix}encoder: unknown student encoder {encoder!r}; registered: "
+        raise ValueError(f"{names[0]}: unknown student encoder {encoder!r}; registered: "
                          f"{', '.join(STUDENT_ENCODERS)}")
     if (decoder_attention or None) not in DECODER_ATTENTIONS:
-        raise ValueError(f"{flag_prefix}decoder_attention: unknown {decoder_attention!r}; registered: "
+        raise ValueError(f"{names[1]}: unknown {decoder_attention!r}; registered: "
                          f"{', '.join(n for n in DECODER_ATTENTIONS if n)} (or none)")
 
 
