@@ -1,4 +1,4 @@
-"""The student registry (docs/design.md §6): every registered encoder, with and without dual
+"""The student registry (docs/design.md §7): every registered encoder, with and without dual
 attention, builds the same named outputs, round-trips, distils and exports; MobileViT and the
 attention layers equal numpy references; bad names and sizes are refused."""
 

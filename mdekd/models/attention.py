@@ -1,4 +1,4 @@
-"""Attention layers of the attention students (docs/design.md §6), registered and TFLite-builtin.
+"""Attention layers of the attention students (docs/design.md §7), registered and TFLite-builtin.
 
 - ``MultiHeadSelfAttention``: the transformer attention of MobileViT's blocks (Vaswani et al. 2017),
   applied per patch pixel over the patches: (B, P, N, d) -> (B, P, N, d).
@@ -73,7 +73,7 @@ class DualAttention(keras.layers.Layer):
     Position attention: q, k = 1×1 convolutions to C/``reduction`` channels, v = 1×1 to C (biased);
     weights softmax over positions of q kᵀ (N×N, N = H·W); output weights·v. Channel attention:
     energy X Xᵀ (C×C) over positions, softmax of (row max − energy), output that · X. Both γ start
-    at 0, as DANet's do, so a new student starts as its attention-free network (docs/design.md §6).
+    at 0, as DANet's do, so a new student starts as its attention-free network (docs/design.md §7).
     """
 
     def __init__(self, reduction=8, **kwargs):

@@ -4,7 +4,7 @@ A stem, MobileNetV2 inverted residuals and MobileViT blocks: local 3×3 + 1×1 c
 into 2×2 patches, a stack of transformers attending across patches, fold back, 1×1 projection and
 a 3×3 fusion with the block's input. The channel table is the paper's (Table 4 / ml-cvnets
 ``mobilevit.py``); SiLU, BatchNorm with PyTorch's momentum/epsilon, LayerNorm epsilon 1e-5,
-stride-2 convolutions padded 1 px on every side as PyTorch does (docs/design.md §6).
+stride-2 convolutions padded 1 px on every side as PyTorch does (docs/design.md §7).
 
 Maps whose size is not a multiple of the patch (the stride-32 map of a 480×640 input is 15×20) are
 resized bilinearly to the next multiple before unfolding and back after folding, as ml-cvnets does.
