@@ -4,6 +4,7 @@ ratio to an sgemm peak measured in the same process.
 
     python -m benchmark.latency                      # 480×640, student + teacher, 1 and 2 threads
     python -m benchmark.latency --models student --runs 50 --threads 2
+    python -m benchmark.latency --models student --extra_students mobilevit_xs,mobilevit_xs+dual
     python -m benchmark.latency --smoke              # tiny sizes, seconds (used by the tests)
 
 How it measures:
@@ -64,6 +65,8 @@ def define_flags():
     flags.DEFINE_integer("warmup", 3, "Untimed runs before timing.", lower_bound=0)
     flags.DEFINE_string("threads", "1,2", "Comma-separated thread counts (LiteRT, TF intra-op, OpenBLAS).")
     flags.DEFINE_bool("compare_upsampling", True, "Also time the student with nearest upsampling (fp32, int8).")
+    flags.DEFINE_list("extra_students", [], "More students timed in the same run (--variants), each "
+                      "'<encoder>' or '<encoder>+<attention>', e.g. mobilevit_xs,mobilevit_xs+dual.")
     flags.DEFINE_integer("num_calibration", 8, "Synthetic scenes for the int8 calibration.", lower_bound=1)
     flags.DEFINE_integer("sgemm_size", common.SGEMM_SIZE, "Matrix size of the sgemm peak.", lower_bound=64)
     flags.DEFINE_string("output_dir", common.DEFAULT_OUTPUT_DIR, "Where latency.md/.json go.")
@@ -138,17 +141,22 @@ def prepare_models(config, work_dir, log=print):
     """
     from mdekd import export
     from mdekd.models import count_macs, trainable_parameter_count
+    from mdekd.models.student import student_name
 
     size = (config["height"], config["width"])
-    jobs = [(name, "bilinear", config["teacher_variants" if name == "teacher" else "variants"])
+    # (network, label, upsampling, variants, config of that network)
+    jobs = [(name, name, "bilinear", config["teacher_variants" if name == "teacher" else "variants"], config)
             for name in config["models"]]
     if config["compare_upsampling"] and "student" in config["models"]:
-        jobs.append(("student", "nearest", list(UPSAMPLING_VARIANTS)))
+        jobs.append(("student", "student_nearest", "nearest", list(UPSAMPLING_VARIANTS), config))
+    for spec in config.get("extra_students", []):
+        encoder, _, attention = spec.partition("+")
+        student = {**config, "student_encoder": encoder, "decoder_attention": attention}
+        jobs.append(("student", student_name(encoder, attention or None), "bilinear", config["variants"], student))
     calibration = None
     entries = []
-    for name, upsampling, variants in jobs:
-        label = f"student_{upsampling}" if upsampling == "nearest" else name
-        tag = (common.student_tag(config) if name == "student"
+    for name, label, upsampling, variants, job_config in jobs:
+        tag = (common.student_tag(job_config) if name == "student"
                else f"{config['teacher_encoder']}_dc{config['teacher_decoder_channels']}") + "_bnstats"
         stem = os.path.join(work_dir, f"{label}_{tag}_{size[0]}x{size[1]}")
         model = None
@@ -158,7 +166,7 @@ def prepare_models(config, work_dir, log=print):
         else:
             log(f"building {label} at {size[0]}x{size[1]} (random weights)")
             calibration = calibration or calibration_images(config["num_calibration"], size)
-            model = build_model(name, config, upsampling, calibration)
+            model = build_model(name, job_config, upsampling, calibration)
             info = {"params": trainable_parameter_count(model), "macs": count_macs(model)}
             common.write_atomically(stem + ".info.json", json.dumps(info))
         for variant in variants:
@@ -166,7 +174,7 @@ def prepare_models(config, work_dir, log=print):
             if not os.path.isfile(path):
                 if model is None:
                     calibration = calibration or calibration_images(config["num_calibration"], size)
-                    model = build_model(name, config, upsampling, calibration)
+                    model = build_model(name, job_config, upsampling, calibration)
                 start = time.perf_counter()
                 if variant == "keras":
                     model.save(path)
@@ -341,6 +349,7 @@ def config_from_flags():
         "runs": FLAGS.runs, "teacher_runs": FLAGS.teacher_runs, "warmup": FLAGS.warmup,
         "threads": common.parse_int_list(FLAGS.threads, "threads"),
         "compare_upsampling": FLAGS.compare_upsampling, **common.network_config(FLAGS),
+        "extra_students": FLAGS.extra_students,
         "num_calibration": FLAGS.num_calibration, "sgemm_size": FLAGS.sgemm_size,
     }
     if FLAGS.smoke:
@@ -351,6 +360,11 @@ def config_from_flags():
             config["variants"] = ["keras", "fp32", "int8"]
         if not FLAGS["teacher_variants"].present:
             config["teacher_variants"] = ["keras", "fp32"]
+    from mdekd.models.student import check_student_options
+
+    for spec in config["extra_students"]:
+        encoder, _, attention = spec.partition("+")
+        check_student_options(encoder, attention, names=("--extra_students", "--extra_students"))
     unknown = (sorted(set(config["models"]) - set(MODEL_NAMES))
                + sorted(set(config["variants"] + config["teacher_variants"]) - set(VARIANTS)))
     if unknown:

@@ -24,8 +24,10 @@ def smoke_runs(tmp_path_factory):
     # Fewer variants than a plain --smoke where a row would only repeat a code path (each
     # conversion or traced train step costs seconds): the teacher is timed as Keras only, and the
     # distillation step (teacher and student networks, both trainers' code) stands for the two
-    # direct ones.
-    extra = {"latency": ["--teacher_variants", "keras"], "throughput": ["--configs", "distill,pipeline"],
+    # direct ones; an attention student replaces the nearest-upsampling rows (the nearest layer's
+    # conversion is tested in test_student.py).
+    extra = {"latency": ["--teacher_variants", "keras", "--extra_students", "mobilevit_xxs+dual",
+                         "--nocompare_upsampling"], "throughput": ["--configs", "distill,pipeline"],
              "accuracy": []}
     processes = {}
     for name in ("latency", "throughput", "accuracy"):
@@ -53,8 +55,8 @@ def test_latency_smoke_times_every_variant(smoke_runs):
     payload = json.loads((out / "latency.json").read_text())
     timed = {(r["model"], r["variant"]) for r in payload["results"]}
     assert timed == {("student", "keras"), ("student", "fp32"), ("student", "int8"),
-                     ("teacher", "keras"),
-                     ("student_nearest", "fp32"), ("student_nearest", "int8")}
+                     ("teacher", "keras"), ("mobilevit_xxs_nnconv5_dual", "keras"),
+                     ("mobilevit_xxs_nnconv5_dual", "fp32"), ("mobilevit_xxs_nnconv5_dual", "int8")}
     for r in payload["results"]:
         assert r["runs"] == 2 and r["median_ms"] > 0 and r["macs"] > 0 and r["size_bytes"] > 0
         assert r["gmacs_per_s"] == pytest.approx(r["macs"] / r["median_ms"] * 1e-6)
@@ -65,7 +67,7 @@ def test_latency_smoke_times_every_variant(smoke_runs):
     assert [c["check"] for c in payload["targets"]] == [
         "int8 speed-up over fp32 TFLite", "fp32 TFLite speed-up over Keras", "fp32 TFLite fraction of sgemm GMAC/s"]
     table = (out / "latency.md").read_text()
-    assert len([row for row in _table_rows(table) if row[1].strip() in latency.VARIANTS]) == 6
+    assert len([row for row in _table_rows(table) if row[1].strip() in latency.VARIANTS]) == 7
 
 
 def test_throughput_smoke_measures_every_requested_configuration(smoke_runs):
