@@ -168,3 +168,22 @@ def test_summary_cli_prints_stages_and_totals():
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines[2:8]] == [f"encoder/stride{s}" for s in (2, 4, 8, 16, 32)] + ["stride32"]
     assert lines[-1].split() == ["total", "3,960,930", "0.737"]
+
+
+def test_summary_cli_takes_any_registered_student_and_refuses_others():
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    base = [sys.executable, "-m", "mdekd.models", "--summary=student", "--height=256", "--width=256"]
+    result = subprocess.run(base + ["--student_encoder=mobilevit_xs", "--decoder_attention=dual"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("student mobilevit_xs_nnconv5_dual")
+    assert [line.split()[0] for line in lines[2:7]] == [f"encoder/stride{s}" for s in (2, 4, 8, 16, 32)]
+    refused = subprocess.run(base + ["--student_encoder=vit_b"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--student_encoder: unknown student encoder 'vit_b'; registered: mobilenet" in refused.stderr
