@@ -178,11 +178,12 @@ def convert(model, mode, representative_images=None):
             yield [np.asarray(image, dtype=np.float32).reshape((1, *shape[1:]))]
 
     # Keras' export prints "Saved artifact at ..." and a list of captures on stdout.
-    with contextlib.redirect_stdout(io.StringIO()), _converter(network) as converter:
+    with contextlib.redirect_stdout(io.StringIO()), _saved_model(network) as folder:
+        converter = _converter(folder)
         configure_converter(converter, quant_mode,
                             None if representative_images is None else representative_dataset)
         if quant_mode.float_tail and representative_images is not None:
-            return _quantize_with_float_tail(converter, network, representative_dataset)
+            return _quantize_with_float_tail(converter, folder, network, representative_dataset)
         return converter.convert()
 
 
@@ -190,11 +191,11 @@ SIGNATURE_KEY = "serving_default"
 
 
 @contextlib.contextmanager
-def _converter(network):
-    """A ``TFLiteConverter`` for ``network`` whose signature reads ``image`` (1, H, W, 3) and
-    returns ``depth`` (1, H, W, 1): the network as a SavedModel with that one endpoint
-    (``keras.export.ExportArchive``, then ``from_saved_model``, toolchain.md §2, §21). The SavedModel
-    lives in a temporary folder for as long as the converter is used."""
+def _saved_model(network):
+    """A temporary SavedModel folder of ``network`` with one signature that reads ``image``
+    (1, H, W, 3) and returns ``depth`` (1, H, W, 1) (``keras.export.ExportArchive``, toolchain.md
+    §2, §21); it lives for as long as the context. Written once per conversion: tracing the model is
+    the slow part, and the float-tail path converts it twice."""
     import tempfile
 
     import keras
@@ -207,10 +208,17 @@ def _converter(network):
                                                         name="image")])
     with tempfile.TemporaryDirectory(prefix="mdekd-export-") as folder:
         archive.write_out(folder, verbose=False)
-        yield tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=[SIGNATURE_KEY])
+        yield folder
 
 
-def _quantize_with_float_tail(converter, network, representative_dataset):
+def _converter(saved_model_folder):
+    """A fresh ``TFLiteConverter`` for the ``image -> depth`` signature of a ``_saved_model``."""
+    import tensorflow as tf
+
+    return tf.lite.TFLiteConverter.from_saved_model(saved_model_folder, signature_keys=[SIGNATURE_KEY])
+
+
+def _quantize_with_float_tail(converter, saved_model_folder, network, representative_dataset):
     """Selective quantisation: everything int8 except ``models.deploy.output_tail``, via TF's
     ``QuantizationDebugger`` deny-list (docs/toolchain.md §19). A model without such a tail is
     quantised fully."""
@@ -221,8 +229,7 @@ def _quantize_with_float_tail(converter, network, representative_dataset):
     tail = output_tail(network)
     if not tail:
         return converter.convert()
-    with _converter(network) as float_converter:
-        nodes = tail_tensors(float_converter.convert(), tail)
+    nodes = tail_tensors(_converter(saved_model_folder).convert(), tail)
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=representative_dataset, debug_options=options)

@@ -24,9 +24,10 @@ def smoke_runs(tmp_path_factory):
     # Fewer variants than a plain --smoke where a row would only repeat a code path (each
     # conversion or traced train step costs seconds): the teacher is timed as Keras only, and the
     # distillation step (teacher and student networks, both trainers' code) stands for the two
-    # direct ones; an attention student replaces the nearest-upsampling rows (the nearest layer's
-    # conversion is tested in test_student.py).
-    extra = {"latency": ["--teacher_variants", "keras", "--extra_students", "mobilevit_xxs+dual",
+    # direct ones; FastDepth with dual attention stands for the extra students and replaces the
+    # nearest-upsampling rows (the nearest layer's conversion is tested in test_student.py; MobileViT
+    # conversion in test_students.py).
+    extra = {"latency": ["--teacher_variants", "keras", "--extra_students", "mobilenet+dual",
                          "--nocompare_upsampling"], "throughput": ["--configs", "distill,pipeline"],
              "accuracy": []}
     processes = {}
@@ -55,8 +56,8 @@ def test_latency_smoke_times_every_variant(smoke_runs):
     payload = json.loads((out / "latency.json").read_text())
     timed = {(r["model"], r["variant"]) for r in payload["results"]}
     assert timed == {("student", "keras"), ("student", "fp32"), ("student", "int8"),
-                     ("teacher", "keras"), ("mobilevit_xxs_nnconv5_dual", "keras"),
-                     ("mobilevit_xxs_nnconv5_dual", "fp32"), ("mobilevit_xxs_nnconv5_dual", "int8")}
+                     ("teacher", "keras"), ("fastdepth_dual", "keras"),
+                     ("fastdepth_dual", "fp32"), ("fastdepth_dual", "int8")}
     for r in payload["results"]:
         assert r["runs"] == 2 and r["median_ms"] > 0 and r["macs"] > 0 and r["size_bytes"] > 0
         assert r["gmacs_per_s"] == pytest.approx(r["macs"] / r["median_ms"] * 1e-6)

@@ -155,9 +155,11 @@ def test_dual_attention_starts_as_the_identity():
     np.testing.assert_array_equal(np.asarray(DualAttention()(x)), x)
 
 
-@pytest.mark.parametrize("encoder,attention", [(e, None) for e in MOBILEVITS] + [("mobilevit_xxs", "dual")])
-def test_int8_export_of_each_attention_student_passes_verification(encoder, attention):
-    model = tiny(encoder, attention)
+def test_int8_export_of_an_attention_student_passes_verification():
+    # One student stands for all: the MobileViT variants differ only in their rows of the
+    # configuration table, and every registered student in every mode is exported by
+    # benchmark.export_students (docs/results/students/export_students.md, 32/32 verified).
+    model = tiny("mobilevit_xxs", "dual")
     calibration = list(images(3, seed=5))
     tflite = export.convert(model, "int8", calibration)
     ops = export.list_ops(tflite)
