@@ -7,7 +7,7 @@ timed (LiteRT, ``--threads``, median of ``--runs`` after warm-up, the sizes inte
 with ``mdekd.evaluate.evaluate_model`` on the validation split (each truth at its own size).
 
     python -m benchmark.resolution --model runs/quickstart_student/best.keras \\
-        --data_dir data/resolution --sizes 480x640,384x512,240x320,128x160
+        --data_dir data/resolution --sizes 480x640,384x512,256x320,192x256,128x160
 
 A model trained at another size is first rebuilt at the camera size (it is fully convolutional).
 Without ``--data_dir`` data, ``--data_dir`` is rendered (synthetic scenes at the camera size).
@@ -33,7 +33,8 @@ def define_flags():
     flags.DEFINE_string("dataset", "synthetic", "Layout of --data_dir.")
     flags.DEFINE_integer("height", 480, "Camera (model input/output) height.")
     flags.DEFINE_integer("width", 640, "Camera (model input/output) width.")
-    flags.DEFINE_string("sizes", "480x640,384x512,240x320", "Network input sizes HxW (multiples of 32).")
+    flags.DEFINE_string("sizes", "480x640,384x512,256x320",
+                        "Network input sizes HxW (multiples of 32: 240x320 is not one).")
     flags.DEFINE_string("representative_data", None, "int8 calibration images; default --data_dir.")
     flags.DEFINE_integer("num_calibration", 100, "int8 calibration images.", lower_bound=1)
     flags.DEFINE_integer("threads", 2, "LiteRT threads.", lower_bound=1)

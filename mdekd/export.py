@@ -452,7 +452,8 @@ def parse_input_size(text):
     try:
         height, width = (int(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"--input_size: expected 'H,W' (two integers, e.g. 240,320), got {text!r}") from None
+        raise ValueError(f"--input_size: expected 'H,W' (two integers, multiples of 32, e.g. 256,320), "
+                         f"got {text!r}") from None
     return height, width
 
 

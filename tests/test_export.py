@@ -324,6 +324,6 @@ def test_a_model_that_is_not_a_depth_model_is_refused(tmp_path):
 
 
 def test_input_size_flag_must_be_two_integers():
-    assert export.parse_input_size("240,320") == (240, 320)
+    assert export.parse_input_size("256,320") == (256, 320)
     with pytest.raises(ValueError, match="--input_size: expected 'H,W'"):
         export.parse_input_size("240x320")

@@ -11,7 +11,7 @@ from mdekd.distill import Distiller
 from mdekd.models import (DECODER_ATTENTIONS, STUDENT_ENCODERS, build_student, build_teacher, count_macs,
                           trainable_parameter_count)
 from mdekd.models.attention import DualAttention, MultiHeadSelfAttention
-from mdekd.models.mobilevit import MOBILEVIT_VARIANTS, PatchFold, PatchUnfold, classifier_parameters
+from mdekd.models.mobilevit import MOBILEVIT_VARIANTS, LayerNorm, PatchFold, PatchUnfold, classifier_parameters
 
 SIZE = (64, 64)
 ALPHA = 0.25
@@ -163,9 +163,22 @@ def test_int8_export_of_an_attention_student_passes_verification():
     calibration = list(images(3, seed=5))
     tflite = export.convert(model, "int8", calibration)
     ops = export.list_ops(tflite)
-    assert ops.get("BATCH_MATMUL", 0) > 0 and ops.get("QUANTIZE", 0) > 0 and export.forbidden_ops(ops) == []
+    assert ops.get("BATCH_MATMUL", 0) > 0 and export.forbidden_ops(ops) == []
+    # integer from the input's QUANTIZE to the float output tail's DEQUANTIZE: no float islands
+    # (the LayerNorms among them, docs/toolchain.md §22)
+    assert (ops["QUANTIZE"], ops["DEQUANTIZE"]) == (1, 1)
     assert export.verify(tflite, model, images(2, seed=6), mode="int8", num_threads=1)["passed"]
     assert export.gpu_delegate_compatibility(tflite)["compatible"]
+
+
+def test_mobilevit_layer_norm_equals_keras_layer_normalization():
+    x = np.random.default_rng(3).normal(2.0, 3.0, (2, 4, 6, 8)).astype(np.float32)
+    gamma, beta = np.linspace(0.5, 1.5, 8), np.linspace(-1, 1, 8)
+    ours, reference = LayerNorm(epsilon=1e-5), keras.layers.LayerNormalization(epsilon=1e-5)
+    for layer in (ours, reference):
+        layer.build(x.shape)
+        layer.set_weights([gamma, beta])
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(reference(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_encoder_lists_the_registered_ones():

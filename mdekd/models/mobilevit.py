@@ -149,7 +149,7 @@ def _mobilevit_block(x, dim, ffn_dim, transformers, prefix):
     x = PatchUnfold(PATCH_SIZE, name=f"{prefix}_unfold")(x)
     for index in range(transformers):
         x = _transformer(x, ffn_dim, f"{prefix}_transformer{index}")
-    x = keras.layers.LayerNormalization(epsilon=LAYERNORM_EPSILON, name=f"{prefix}_norm")(x)
+    x = LayerNorm(name=f"{prefix}_norm")(x)
     x = PatchFold(PATCH_SIZE, grid_h, grid_w, name=f"{prefix}_fold")(x)
     if (grid_h, grid_w) != (height, width):
         x = keras.layers.Resizing(height, width, interpolation="bilinear", name=f"{prefix}_from_grid")(x)
@@ -161,13 +161,39 @@ def _mobilevit_block(x, dim, ffn_dim, transformers, prefix):
 def _transformer(x, ffn_dim, prefix):
     """Pre-norm transformer: x + MHSA(LN(x)), then x + W2 SiLU(W1 LN(x)) (dropout 0)."""
     dim = x.shape[-1]
-    attended = keras.layers.LayerNormalization(epsilon=LAYERNORM_EPSILON, name=f"{prefix}_norm1")(x)
+    attended = LayerNorm(name=f"{prefix}_norm1")(x)
     attended = MultiHeadSelfAttention(NUM_HEADS, name=f"{prefix}_attention")(attended)
     x = keras.layers.Add(name=f"{prefix}_add1")([x, attended])
-    hidden = keras.layers.LayerNormalization(epsilon=LAYERNORM_EPSILON, name=f"{prefix}_norm2")(x)
+    hidden = LayerNorm(name=f"{prefix}_norm2")(x)
     hidden = keras.layers.Dense(ffn_dim, activation="silu", name=f"{prefix}_ffn1")(hidden)
     hidden = keras.layers.Dense(dim, name=f"{prefix}_ffn2")(hidden)
     return keras.layers.Add(name=f"{prefix}_add2")([x, hidden])
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class LayerNorm(keras.layers.Layer):
+    """Layer normalisation over the last axis: (x − mean)·rsqrt(var + ε)·γ + β, any shape.
+
+    Computes what ``keras.layers.LayerNormalization`` computes, written with one subtraction:
+    Keras' form lowers to a NEG that the int8 converter keeps in float, one QUANTIZE/DEQUANTIZE
+    island per norm; this one quantises fully (docs/toolchain.md §22).
+    """
+
+    def __init__(self, epsilon=LAYERNORM_EPSILON, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(name="gamma", shape=(input_shape[-1],), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(input_shape[-1],), initializer="zeros")
+
+    def call(self, inputs):
+        centred = inputs - ops.mean(inputs, axis=-1, keepdims=True)
+        variance = ops.mean(ops.square(centred), axis=-1, keepdims=True)
+        return centred * ops.rsqrt(variance + self.epsilon) * self.gamma + self.beta
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
 
 
 @keras.saving.register_keras_serializable(package="mdekd")
