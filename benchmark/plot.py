@@ -2,11 +2,13 @@
 
     python -m benchmark.plot                      # benchmark/results/{latency,accuracy}.json
     python -m benchmark.plot --threads 1 --output latency_1thread.png
+    python -m benchmark.plot --resolution_json docs/results/phone_path/resolution.json  # network sizes
     python -m benchmark.plot --smoke              # a sample plot from built-in numbers
 
 Reads the JSON of ``benchmark.latency`` (median ms of the ``student`` rows at ``--threads``) and of
 ``benchmark.accuracy`` (si_rmse per variant), and draws one labelled point per variant present in
-both. Drawn with Pillow's ImageDraw: matplotlib is not a dependency.
+both; or, with ``--resolution_json``, one point per network size and mode of
+``benchmark.resolution``. Drawn with Pillow's ImageDraw: matplotlib is not a dependency.
 """
 
 import json
@@ -27,6 +29,8 @@ def define_flags():
     flags.DEFINE_string("results_dir", common.DEFAULT_OUTPUT_DIR, "Where latency.json and accuracy.json are.")
     flags.DEFINE_string("latency_json", None, "Default: <results_dir>/latency.json.")
     flags.DEFINE_string("accuracy_json", None, "Default: <results_dir>/accuracy.json.")
+    flags.DEFINE_string("resolution_json", None, "Plot benchmark.resolution's exports (network size x "
+                        "mode) instead of the latency/accuracy variants.")
     flags.DEFINE_integer("threads", None, "Latency at this thread count; default: the largest measured.")
     flags.DEFINE_string("output", None, "PNG path; default: <results_dir>/latency_vs_si_rmse.png.")
     flags.DEFINE_bool("smoke", False, "Plot built-in sample numbers (no JSON needed).")
@@ -59,6 +63,17 @@ def collect_points(latency, accuracy, threads=None, model="student"):
     if not points:
         raise ValueError("no variant has both a latency and an accuracy result")
     return points, threads
+
+
+def resolution_points(resolution):
+    """[{variant, label, latency_ms, si_rmse}] of a ``benchmark.resolution`` payload: one point per
+    network size and mode, labelled with the size."""
+    points = [{"variant": "fp32" if r["mode"] == "none" else r["mode"],
+               "label": f"{r['network_size'][0]}x{r['network_size'][1]}",
+               "latency_ms": r["median_ms"], "si_rmse": r["metrics"]["si_rmse"]} for r in resolution["results"]]
+    if not points:
+        raise ValueError("resolution results are empty")
+    return points
 
 
 def nice_ticks(low, high, count=5):
@@ -139,11 +154,13 @@ def draw_plot(points, title, path):
         px, py = to_pixel(p["latency_ms"], p["si_rmse"])
         colour = COLOURS.get(p["variant"], (0, 0, 0))
         draw.ellipse([px - 6, py - 6, px + 6, py + 6], fill=colour, outline="black")
-        label = f"{p['variant']} {p['latency_ms']:.1f} ms"
+        label = f"{p.get('label', p['variant'])} {p['latency_ms']:.1f} ms"
+        # int8 labels below their point, the others above: variants of one size sit close together
+        label_y = py + 4 if p["variant"] == "int8" else py - 20
         if px + 9 + draw.textlength(label, font=small) > right:  # keep the label inside the frame
-            draw.text((px - 9, py - 9), label, fill=colour, font=small, anchor="ra")
+            draw.text((px - 9, label_y), label, fill=colour, font=small, anchor="ra")
         else:
-            draw.text((px + 9, py - 9), label, fill=colour, font=small)
+            draw.text((px + 9, label_y), label, fill=colour, font=small)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as temporary:
         image.save(temporary)
@@ -156,6 +173,13 @@ def main(argv):
     prepare_file(output, "--output")
     if FLAGS.smoke:
         points, title = SAMPLE_POINTS, "student: latency vs si-RMSE (sample numbers)"
+    elif FLAGS.resolution_json:
+        with open(FLAGS.resolution_json) as f:
+            payload = json.load(f)
+        points = resolution_points(payload)
+        camera = payload["camera_size"]
+        title = (f"student at {camera[0]}x{camera[1]}, network at each size (blue fp32, red int8): "
+                 "latency vs si-RMSE")
     else:
         payloads = {}
         for name, path in (("latency", FLAGS.latency_json), ("accuracy", FLAGS.accuracy_json)):

@@ -198,3 +198,41 @@ def test_resolution_study_exports_each_network_size_at_the_camera_size(tmp_path)
     assert all(r["metrics"]["si_rmse"] > 0 and r["median_ms"] > 0 for r in payload["results"])
     assert (tmp_path / "out" / "resolution.md").read_text().count("| 64x64 |") == 2
     assert resolution.parse_sizes("480x640,240x320") == [(480, 640), (240, 320)]
+
+
+def test_stage_profile_cuts_the_deployed_student_after_every_decoder_step():
+    import keras
+
+    from benchmark import stage_profile
+    from mdekd.models import build_student, deploy_model
+
+    keras.utils.set_random_seed(0)
+    network = deploy_model(build_student((64, 64, 3), alpha=0.25))
+    stages = [stage for stage, _ in stage_profile.stage_cuts(network)]
+    steps = ["5×5 depthwise + BN + ReLU", "1×1 conv + BN + ReLU"]
+    expected = ["encoder"]
+    for i in range(1, 6):
+        expected += [f"decode{i} {step}" for step in steps]
+        if i < 5:  # the deployed graph moves the last upsampling behind the head
+            expected.append(f"decode{i} ×2 upsampling")
+        if i in (2, 3, 4):
+            expected.append(f"decode{i} skip addition")
+    assert stages == expected + ["head: 1×1 conv + BN", "tail: upsampling + positive depth"]
+    assert stage_profile.stage_cuts(network)[-1][1] is network.output
+
+
+def test_stage_costs_are_differences_of_nested_prefixes_and_sum_to_the_whole():
+    from benchmark import stage_profile
+
+    costs = stage_profile.stage_costs([10.0, 12.5, 12.0, 20.0])
+    np.testing.assert_allclose(costs, [10.0, 2.5, -0.5, 8.0])
+    assert costs.sum() == pytest.approx(20.0)
+
+
+def test_plot_takes_one_point_per_network_size_and_mode_of_the_resolution_study():
+    payload = {"results": [
+        {"network_size": [96, 128], "mode": "none", "median_ms": 30.0, "metrics": {"si_rmse": 0.31}},
+        {"network_size": [96, 128], "mode": "int8", "median_ms": 12.0, "metrics": {"si_rmse": 0.32}}]}
+    assert plot.resolution_points(payload) == [
+        {"variant": "fp32", "label": "96x128", "latency_ms": 30.0, "si_rmse": 0.31},
+        {"variant": "int8", "label": "96x128", "latency_ms": 12.0, "si_rmse": 0.32}]
