@@ -183,7 +183,7 @@ def convert(model, mode, representative_images=None):
         configure_converter(converter, quant_mode,
                             None if representative_images is None else representative_dataset)
         if quant_mode.float_tail and representative_images is not None:
-            return _quantize_with_float_tail(converter, folder, network, representative_dataset)
+            return _quantize_selectively(converter, folder, network, representative_dataset)
         return converter.convert()
 
 
@@ -218,18 +218,20 @@ def _converter(saved_model_folder):
     return tf.lite.TFLiteConverter.from_saved_model(saved_model_folder, signature_keys=[SIGNATURE_KEY])
 
 
-def _quantize_with_float_tail(converter, saved_model_folder, network, representative_dataset):
-    """Selective quantisation: everything int8 except ``models.deploy.output_tail``, via TF's
-    ``QuantizationDebugger`` deny-list (docs/toolchain.md §19). A model without such a tail is
-    quantised fully."""
+def _quantize_selectively(converter, saved_model_folder, network, representative_dataset):
+    """Selective quantisation: everything int8 except ``models.deploy.output_tail`` and the layers
+    of ``models.deploy.float_under_int8``, via TF's ``QuantizationDebugger`` deny-list
+    (docs/toolchain.md §19, §23). A model without either is quantised fully."""
     import tensorflow as tf
 
-    from mdekd.models.deploy import output_tail
+    from mdekd.models.deploy import float_under_int8, output_tail
 
-    tail = output_tail(network)
-    if not tail:
+    tail, inner = output_tail(network), float_under_int8(network)
+    if not tail and not inner:
         return converter.convert()
-    nodes = tail_tensors(_converter(saved_model_folder).convert(), tail)
+    float_tflite = _converter(saved_model_folder).convert()
+    nodes = tail_tensors(float_tflite, tail) if tail else []
+    nodes += [name for name in layer_tensors(float_tflite, inner) if name not in nodes]
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=representative_dataset, debug_options=options)
@@ -290,14 +292,26 @@ def list_ops(tflite_bytes):
     return dict(sorted(counts.items()))
 
 
+def _layer_pattern(layer_names):
+    """Matches the TFLite tensor names that Keras layers ``layer_names`` give their ops."""
+    return re.compile(r"/(" + "|".join(map(re.escape, layer_names)) + r")(_\d+)?/")
+
+
 def tail_tensors(float_tflite, layer_names):
     """Output tensor names of the ops of a float conversion from the first op that computes one of
     ``layer_names`` (Keras layers) to the end: the float tail of a selectively quantised model."""
-    pattern = re.compile(r"/(" + "|".join(map(re.escape, layer_names)) + r")(_\d+)?/")
+    pattern = _layer_pattern(layer_names)
     operators = list_operators(float_tflite)
     start = next((i for i, (_, outputs) in enumerate(operators)
                   if any(pattern.search(name) for name in outputs)), len(operators))
     return [name for _, outputs in operators[start:] for name in outputs]
+
+
+def layer_tensors(float_tflite, layer_names):
+    """Output tensor names of the ops of a float conversion that compute one of ``layer_names``."""
+    pattern = _layer_pattern(layer_names)
+    return [name for _, outputs in list_operators(float_tflite) for name in outputs
+            if pattern.search(name)]
 
 
 def gpu_delegate_compatibility(tflite_bytes):

@@ -11,10 +11,14 @@ and verifies it against the training graph.
 
 import keras
 
-from mdekd.models.common import check_input_shape, inference_model
+from mdekd.models.attention import DualAttention, MultiHeadSelfAttention
+from mdekd.models.common import check_input_shape, inference_model, iter_layers
 from mdekd.models.layers import UpsampleBilinearAlignCorners, UpsampleNearest
 
 UPSAMPLING_LAYERS = (keras.layers.UpSampling2D, UpsampleNearest, UpsampleBilinearAlignCorners)
+# Layers whose int8 form is slower than float on CPU: TFLite's int8 BATCH_MATMUL does not run in
+# XNNPACK (one MobileViT attention at 4×1200 tokens: 387 ms int8, 41 ms fp32; docs/toolchain.md §23).
+FLOAT_UNDER_INT8 = (MultiHeadSelfAttention, DualAttention)
 HEAD_LAYERS = ("head_conv", "head_bn")  # per-pixel affine layers between the last upsampling and ``depth``
 
 
@@ -58,6 +62,12 @@ def output_tail(model):
         names.append(layer.name)
         layer = inputs[0]._keras_history.operation
     return names[::-1]
+
+
+def float_under_int8(model):
+    """Names of the layers (nested ones included) of a ``FLOAT_UNDER_INT8`` class: export keeps
+    them in float, between a DEQUANTIZE and a QUANTIZE, when it quantises ``model`` to int8."""
+    return [layer.name for layer in iter_layers(model) if isinstance(layer, FLOAT_UNDER_INT8)]
 
 
 def at_input_size(model, input_size):
