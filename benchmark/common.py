@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -74,6 +75,21 @@ def timing_stats(seconds):
     }
 
 
+def time_interleaved(runners, image, runs):
+    """Seconds of ``runs`` calls of ``runner.run_one(image)`` for each of ``runners`` (a dict of
+    ``TFLiteRunner``), after one untimed call each (XNNPACK plans on the first); the runners take
+    turns, so load changes on a shared machine hit all of them alike. Returns {key: [seconds]}."""
+    timings = {key: [] for key in runners}
+    for runner in runners.values():
+        runner.run_one(image)
+    for _ in range(runs):
+        for key, runner in runners.items():
+            start = time.perf_counter()
+            runner.run_one(image)
+            timings[key].append(time.perf_counter() - start)
+    return timings
+
+
 def machine_info():
     """CPU model, core count, load averages and library versions, stored with every result."""
     import importlib.metadata
@@ -122,8 +138,6 @@ def sgemm_gmacs(size=SGEMM_SIZE, repeats=10):
     call it in a process whose ``OPENBLAS_NUM_THREADS`` was set before numpy was imported
     (``thread_env``), as the benchmarks' child processes are.
     """
-    import time
-
     rng = np.random.default_rng(0)
     a = rng.random((size, size), dtype=np.float32)
     b = rng.random((size, size), dtype=np.float32)

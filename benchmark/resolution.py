@@ -14,7 +14,6 @@ Without ``--data_dir`` data, ``--data_dir`` is rendered (synthetic scenes at the
 """
 
 import os
-import time
 
 import numpy as np
 from absl import app, flags
@@ -73,14 +72,7 @@ def benchmark_resolution(model_path, data_dir, dataset, camera_size, sizes, thre
             runners[(size, mode)] = TFLiteRunner(
                 export.convert(network, mode, calibration if mode == "int8" else None), num_threads=threads)
     image = np.random.default_rng(0).random((1, *camera_size, 3), dtype=np.float32)
-    timings = {key: [] for key in runners}
-    for runner in runners.values():
-        runner.run_one(image)  # warm-up: XNNPACK plans on the first run
-    for _ in range(runs):  # interleaved, so load changes hit every export alike
-        for key, runner in runners.items():
-            start = time.perf_counter()
-            runner.run_one(image)
-            timings[key].append(time.perf_counter() - start)
+    timings = common.time_interleaved(runners, image, runs)
     results = []
     for (size, mode), runner in runners.items():
         log(f"evaluating {size[0]}x{size[1]} {mode}")

@@ -15,8 +15,6 @@ Weights: the trained ``--model`` (rebuilt at --height × --width), else random w
 statistics estimated on synthetic scenes (``benchmark.latency``).
 """
 
-import time
-
 import numpy as np
 from absl import app, flags
 
@@ -90,14 +88,7 @@ def profile_stages(model, threads=2, runs=20, calibration=None, log=print):
             tflite = export.convert(prefix, mode, calibration if mode == "int8" else None)
             runners[(index, label)] = TFLiteRunner(tflite, num_threads=threads)
     image = np.random.default_rng(0).random((1, *network.input_shape[1:]), dtype=np.float32)
-    timings = {key: [] for key in runners}
-    for runner in runners.values():
-        runner.run_one(image)  # XNNPACK plans on the first run
-    for _ in range(runs):  # interleaved: load changes hit every prefix alike
-        for key, runner in runners.items():
-            start = time.perf_counter()
-            runner.run_one(image)
-            timings[key].append(time.perf_counter() - start)
+    timings = common.time_interleaved(runners, image, runs)
     rows = [{"stage": stage} for stage, _ in cuts]
     for label in MODES:
         medians = [float(np.median(timings[(i, label)])) * 1e3 for i in range(len(cuts))]

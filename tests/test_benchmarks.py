@@ -236,3 +236,19 @@ def test_plot_takes_one_point_per_network_size_and_mode_of_the_resolution_study(
     assert plot.resolution_points(payload) == [
         {"variant": "fp32", "label": "96x128", "latency_ms": 30.0, "si_rmse": 0.31},
         {"variant": "int8", "label": "96x128", "latency_ms": 12.0, "si_rmse": 0.32}]
+
+
+def test_interleaved_timing_warms_up_each_runner_once_and_times_each_in_turn():
+    calls = []
+
+    class Runner:
+        def __init__(self, name):
+            self.name = name
+
+        def run_one(self, image):
+            calls.append(self.name)
+
+    timings = common.time_interleaved({"a": Runner("a"), "b": Runner("b")}, image=None, runs=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert {key: len(seconds) for key, seconds in timings.items()} == {"a": 2, "b": 2}
+    assert all(s >= 0 for seconds in timings.values() for s in seconds)
