@@ -42,15 +42,17 @@ def registered_students():
 
 
 def parse_students(text):
-    from mdekd.models import DECODER_ATTENTIONS, STUDENT_ENCODERS
+    """'--students' text -> [(encoder, attention or None)]; UsageError naming the flag and the
+    registered names for an unknown one (``check_student_options``)."""
+    from mdekd.models.student import check_student_options
 
     students = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         encoder, _, attention = item.partition("+")
-        if encoder not in STUDENT_ENCODERS or (attention or None) not in DECODER_ATTENTIONS:
-            raise app.UsageError(f"--students: unknown student {item!r}; encoders: "
-                                 f"{', '.join(STUDENT_ENCODERS)}; attentions: "
-                                 f"{', '.join(a for a in DECODER_ATTENTIONS if a)}")
+        try:
+            check_student_options(encoder, attention or None, names=("--students", "--students"))
+        except ValueError as error:
+            raise app.UsageError(str(error)) from None
         students.append((encoder, attention or None))
     return students
 

@@ -252,3 +252,14 @@ def test_interleaved_timing_warms_up_each_runner_once_and_times_each_in_turn():
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert {key: len(seconds) for key, seconds in timings.items()} == {"a": 2, "b": 2}
     assert all(s >= 0 for seconds in timings.values() for s in seconds)
+
+
+def test_export_students_reads_its_student_list_and_refuses_an_unregistered_one():
+    from absl import app
+
+    from benchmark import export_students
+
+    assert export_students.parse_students("mobilenet, mobilevit_xs+dual") == [("mobilenet", None),
+                                                                                ("mobilevit_xs", "dual")]
+    with pytest.raises(app.UsageError, match="--students: unknown 'axial'; registered: dual"):
+        export_students.parse_students("mobilenet+axial")
