@@ -164,9 +164,16 @@ def convert(model, mode, representative_images=None):
     [0, 1] at the model size.
     """
     from mdekd.models import deploy_model
+    from mdekd.quantization_aware import is_quantization_aware, without_fake_quant
 
     quant_mode = get_mode(mode)
-    network = deploy_model(model) if isinstance(model.output, dict) else model
+    # A quantisation-aware model is already the deployed graph and holds its int8 ranges; the
+    # other modes convert its float network (mdekd.quantization_aware).
+    aware = is_quantization_aware(model)
+    if aware:
+        network = depth_only_model(model) if quant_mode.integer_only else without_fake_quant(model)
+    else:
+        network = deploy_model(model) if isinstance(model.output, dict) else model
     shape = tuple(network.input_shape)
     if len(shape) != 4 or None in shape[1:]:
         raise ValueError(
@@ -181,8 +188,9 @@ def convert(model, mode, representative_images=None):
     with contextlib.redirect_stdout(io.StringIO()), _saved_model(network) as folder:
         converter = _converter(folder)
         configure_converter(converter, quant_mode,
-                            None if representative_images is None else representative_dataset)
-        if quant_mode.float_tail and representative_images is not None:
+                            None if representative_images is None else representative_dataset,
+                            ranges_in_model=aware)
+        if quant_mode.float_tail and representative_images is not None and not aware:
             return _quantize_selectively(converter, folder, network, representative_dataset)
         return converter.convert()
 
@@ -486,6 +494,7 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
     """
     from mdekd.data import resolve_layout
     from mdekd.models.deploy import reduced_resolution_model
+    from mdekd.quantization_aware import is_quantization_aware, without_fake_quant
 
     quant_mode = get_mode(mode)
     model_path = os.fspath(model_path)
@@ -495,26 +504,35 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
     dataset = dataset or run.get("dataset") or "mai2021"
     depth_scale = depth_scale if depth_scale is not None else run.get("depth_scale")
     layout = {} if depth_scale is None else {"depth_scale": depth_scale}
-    if representative_data is None and quant_mode.integer_only:
-        representative_data = run.get("data_dir")
     if validation_data is None:
         validation_data = run.get("data_dir")
-    if quant_mode.integer_only and representative_data is None:
-        raise ValueError(
-            f"--quantize {mode} needs representative data (training images) for the activation ranges: "
-            "pass --representative_data DIR (a dataset root with train/rgb, or a folder of images)"
-        )
     output = os.fspath(output) if output else default_output_path(model_path, mode, input_size)
     prepare_file(output, "--output")
-    calibration_paths = None
-    if quant_mode.integer_only:
-        calibration_paths = evenly_spaced(image_files(representative_data, dataset), num_calibration)
-        check_images(calibration_paths)  # a stray non-image fails now, not minutes into conversion
 
     model = load_keras_model(model_path)
     if not isinstance(model.output, dict) or "depth" not in model.output:
         raise ValueError(f"--model: {model_path} is not a depth model of mdekd (expected a dict output "
                          f"with 'depth', found {getattr(model, 'output_names', None) or model.output})")
+    # A quantisation-aware model holds its int8 ranges (no calibration); its other exports are of
+    # its float network (mdekd.quantization_aware).
+    aware = is_quantization_aware(model)
+    calibrate = quant_mode.integer_only and not aware
+    if representative_data is None and calibrate:
+        representative_data = run.get("data_dir")
+    if calibrate and representative_data is None:
+        raise ValueError(
+            f"--quantize {mode} needs representative data (training images) for the activation ranges: "
+            "pass --representative_data DIR (a dataset root with train/rgb, or a folder of images)"
+        )
+    calibration_paths = None
+    if calibrate:
+        calibration_paths = evenly_spaced(image_files(representative_data, dataset), num_calibration)
+        check_images(calibration_paths)  # a stray non-image fails now, not minutes into conversion
+    if aware and input_size:
+        raise ValueError("--input_size: a quantisation-aware model holds int8 ranges for its own input "
+                         "size; export it without --input_size")
+    if aware and not quant_mode.integer_only:
+        model = without_fake_quant(model)
     network = depth_only_model(model)
     full_size = tuple(network.input_shape[1:3])
     if input_size:
@@ -548,6 +566,7 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
             {"source": os.fspath(representative_data), "num_images": len(calibration_paths)}
             if calibration_paths else None
         ),
+        "quantization_aware": aware,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     })

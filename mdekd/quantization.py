@@ -94,15 +94,19 @@ def mode_of_label(label):
     raise ValueError(f"unknown quantisation label {label!r}; expected one of {', '.join(LABELS)}")
 
 
-def configure_converter(converter, mode, representative_dataset=None):
-    """Apply ``mode``'s settings to a ``tf.lite.TFLiteConverter`` (in place)."""
+def configure_converter(converter, mode, representative_dataset=None, ranges_in_model=False):
+    """Apply ``mode``'s settings to a ``tf.lite.TFLiteConverter`` (in place).
+
+    ranges_in_model: the graph holds its activation ranges (FakeQuant ops of a quantisation-aware
+    model, ``mdekd.quantization_aware``), so int8 needs no representative data; tensors without a
+    range stay float."""
     import tensorflow as tf
 
     if mode.optimize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode.float16_weights:
         converter.target_spec.supported_types = [tf.float16]
-    if mode.integer_only:
+    if mode.integer_only and not ranges_in_model:
         if representative_dataset is None:
             raise ValueError(f"--quantize {mode.name} needs representative data (training images) "
                              "for the activation ranges: pass --representative_data DIR")

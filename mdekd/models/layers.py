@@ -214,3 +214,74 @@ class RadixAttention(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "radix": self.radix}
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class FakeQuant(keras.layers.Layer):
+    """int8 fake quantisation of one tensor over a stored range [range_min, range_max].
+
+    (B, H, W, C) -> same shape, each value rounded to the nearest of 256 levels over the range and
+    clipped to it (gradient: straight through inside the range, 0 outside). Lowers to TF's
+    ``FakeQuantWithMinMaxVars``, whose range TFLite's converter uses for the tensor's int8 scale
+    and zero point (docs/design.md §5, quantisation-aware fine-tuning). The range is a pair of
+    non-trainable weights, set while ``observing`` (pass-through, widening the range to what it
+    sees; ``mdekd.quantization_aware.calibrate``) and fixed otherwise: fine-tuning with ranges that
+    follow the batches was measured to undo what the weights learn (design.md §5).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.observing = False  # set by mdekd.quantization_aware.calibrate (eager calls only)
+
+    def build(self, input_shape):
+        self.range_min = self.add_weight(shape=(), initializer="zeros", trainable=False, name="range_min")
+        self.range_max = self.add_weight(shape=(), initializer="zeros", trainable=False, name="range_max")
+
+    def call(self, inputs):
+        if self.observing:
+            # The range always holds 0, as an int8 zero point must (TFLite nudges it the same way).
+            values = ops.reshape(inputs, (-1,))
+            low, high = ((ops.min(values), ops.max(values)) if self.observing is True else
+                         (ops.quantile(values, 1.0 - self.observing), ops.quantile(values, self.observing)))
+            self.range_min.assign(ops.minimum(self.range_min, low))
+            self.range_max.assign(ops.maximum(self.range_max, high))
+            return inputs
+        return keras.quantizers.fake_quant_with_min_max_vars(inputs, self.range_min, self.range_max,
+                                                             num_bits=8)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def fake_quant_kernel(kernel):
+    """``kernel`` (..., C_out) rounded as TFLite stores int8 weights: per output channel (the last
+    axis), symmetric, 255 levels over [−max|w|, max|w|]. Applied to the kernel in its own shape,
+    which is the pattern TFLite's converter reads as the weights' quantisation."""
+    bound = ops.maximum(ops.max(ops.abs(kernel), axis=tuple(range(len(kernel.shape) - 1))), 1e-12)
+    return keras.quantizers.fake_quant_with_min_max_vars(kernel, -bound, bound, num_bits=8,
+                                                         narrow_range=True, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class FakeQuantConv2D(keras.layers.Conv2D):
+    """``Conv2D`` whose kernel is rounded to int8 per output channel (``fake_quant_kernel``) in
+    every call: the weights the int8 TFLite model will hold (quantisation-aware fine-tuning)."""
+
+    def convolution_op(self, inputs, kernel):
+        return super().convolution_op(inputs, fake_quant_kernel(kernel))
+
+
+@keras.saving.register_keras_serializable(package="mdekd")
+class FakeQuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """``DepthwiseConv2D`` (depth multiplier 1, channels last) whose kernel is rounded to int8 per
+    channel in every call, as ``FakeQuantConv2D``."""
+
+    def call(self, inputs):
+        height, width, channels, _ = self.kernel.shape  # TFLite's depthwise weights are (1, kh, kw, C)
+        kernel = ops.reshape(fake_quant_kernel(ops.reshape(self.kernel, (height, width, 1, channels))),
+                             self.kernel.shape)
+        outputs = ops.depthwise_conv(inputs, kernel, strides=self.strides, padding=self.padding,
+                                     dilation_rate=self.dilation_rate, data_format=self.data_format)
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return self.activation(outputs)
