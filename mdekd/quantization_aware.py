@@ -7,10 +7,13 @@ the int8 model computes, so int8 behaviour can be measured, trained through and 
 1. ``quantization_aware_model(model)``: the deployed graph (``mdekd.models.deploy_model``) with a
    ``FakeQuant`` after every tensor that the int8 TFLite model stores in int8: after each ReLU (a
    convolution's BatchNorm and ReLU fold into it, so only their end gets one), each skip addition,
-   the input normalisation, the attention layers and the head. Padding and upsampling keep their
-   input's scale in int8, and the float tail (``output_tail``) has none.
+   the attention layers and the head. Padding and upsampling keep their input's scale in int8. The
+   float tail (``output_tail``) has none, nor has the input stage: the image and its normalisation
+   stay float, so the stem convolution reads them unrounded (no int8 range puts the normalised
+   8-bit levels 2k/255 − 1 on levels that include 0; measured: the largest single source of the
+   int8 deviation, design.md §5) and runs in float, 1.5 % of FastDepth's MACs.
 2. ``calibrate``: the ranges from images with the rounding off, the min/max that post-training
-   calibration takes (so before fine-tuning the model is the post-training int8 model).
+   calibration takes.
 3. ``fine_tune`` (optional, ``--steps``): the float student is the teacher. Loss = mean |log d_qat − log d_float| per
    pixel, i.e. the relative deviation export gates; images only, no depth labels. BatchNorm is
    folded (TFLite folds its moving statistics into the convolution) and the ranges stay fixed.
@@ -66,7 +69,8 @@ def int8_tensor_layers(model):
     same_scale = _keeps_input_scale()
     names = []
     for layer in iter_layers(model):
-        if isinstance(layer, (keras.layers.InputLayer, FakeQuant, *same_scale)) or layer.name in tail:
+        if isinstance(layer, (keras.layers.InputLayer, keras.layers.Rescaling, FakeQuant, *same_scale)) \
+                or layer.name in tail:  # Rescaling: the input stage stays float (module docstring)
             continue
         consumers = [node.operation for node in layer._outbound_nodes]
         if isinstance(layer, _FOLDED_INTO_NEXT) and consumers and all(
@@ -118,9 +122,7 @@ def quantization_aware_model(model):
     for layer in iter_layers(aware):
         if isinstance(layer, keras.layers.BatchNormalization):  # one not after a convolution
             layer.trainable = False
-    image = keras.Input(deployed.input_shape[1:], name="image")
-    depth = aware(FakeQuant(name="image_quant")(image))
-    return keras.Model(image, {"depth": depth}, name=f"{model.name}_qat")
+    return keras.Model(aware.inputs, {"depth": aware.outputs[0]}, name=f"{model.name}_qat")
 
 
 def _batchnorm_after_convolution(model):
