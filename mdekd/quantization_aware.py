@@ -90,14 +90,16 @@ def fake_quant_layers(model):
     return [layer for layer in iter_layers(model) if isinstance(layer, FakeQuant)]
 
 
-def quantization_aware_model(model):
+def quantization_aware_model(model, float_layers=()):
     """The deployed graph of the student ``model`` as the int8 TFLite model computes it.
 
     (B, H, W, 3) RGB in [0, 1] -> {"depth": (B, H, W, 1) metres}. Each BatchNormalization is folded
     into the convolution before it (its moving statistics, as TFLite folds it), the convolutions
     round their kernels to int8 per channel (``FakeQuantConv2D``, ``FakeQuantDepthwiseConv2D``), and
     a ``FakeQuant`` follows the input and every ``int8_tensor_layers`` output. The weights are a
-    copy; the ranges start at [0, 0] (call ``calibrate``).
+    copy; the ranges start at [0, 0] (call ``calibrate``). ``float_layers``: names of layers whose
+    output stays float (no ``FakeQuant``: the int8 model dequantises before it and quantises after),
+    e.g. FastDepth's first blocks (README, phone path: what each costs and saves).
     """
     from mdekd.models import deploy_model
 
@@ -105,6 +107,11 @@ def quantization_aware_model(model):
         raise ValueError(f"model {model.name!r} is already quantisation-aware")
     deployed = deploy_model(model)
     quantized = set(int8_tensor_layers(deployed))
+    unknown = set(float_layers) - {layer.name for layer in iter_layers(deployed)}
+    if unknown:
+        raise ValueError(f"--float_layers: no layer {', '.join(sorted(unknown))} in {model.name!r}; "
+                         f"int8 tensors are the outputs of: {', '.join(int8_tensor_layers(deployed))}")
+    quantized -= set(float_layers)
     folded = _batchnorm_after_convolution(deployed)  # conv name -> its BatchNormalization
     folded_batchnorms = {batchnorm.name for batchnorm in folded.values()}
 
@@ -266,10 +273,11 @@ def load_images(paths, input_size):
 def fine_tune_file(model_path, images=None, output=None, dataset=None, steps=DEFAULT_STEPS,
                    learning_rate=DEFAULT_LEARNING_RATE, batch_size=DEFAULT_BATCH_SIZE,
                    num_images=DEFAULT_NUM_IMAGES, validation_data=None, calibration_quantile=None,
-                   seed=0, progress=True, log=print):
+                   float_layers=(), seed=0, progress=True, log=print):
     """Make the student ``model_path`` (.keras) quantisation-aware, calibrate it and fine-tune it on
     the training images of ``images`` (a dataset root or a folder of images; default: the run's
-    ``data_dir``; ranges: min/max, or the ``calibration_quantile`` of each tensor's values); write it
+    ``data_dir``; ranges: min/max, or the ``calibration_quantile`` of each tensor's values; the
+    outputs of ``float_layers`` stay float); write it
     to ``output`` (default ``<model>_qat.keras`` beside it) with a JSON
     report (``<output>.json``). Returns the report. Nothing is written if anything fails."""
     import json
@@ -312,7 +320,7 @@ def fine_tune_file(model_path, images=None, output=None, dataset=None, steps=DEF
     train = load_images(paths, size)
     held_out = verification_data(size, validation_data or run.get("data_dir"), dataset).images
     reference = deploy_model(model)
-    aware = quantization_aware_model(model)
+    aware = quantization_aware_model(model, float_layers)
     calibrate(aware, train[evenly_spaced(range(len(train)), DEFAULT_NUM_CALIBRATION)],
               quantile=calibration_quantile)
     before = relative_deviation(aware, reference, held_out)
@@ -325,7 +333,7 @@ def fine_tune_file(model_path, images=None, output=None, dataset=None, steps=DEF
         "source_model": os.path.abspath(model_path), "output": os.path.abspath(output),
         "images": os.fspath(images), "num_images": len(train), "steps": steps,
         "learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
-        "calibration_quantile": calibration_quantile,
+        "calibration_quantile": calibration_quantile, "float_layers": list(float_layers),
         "loss_first_last": [losses[0], losses[-1]] if losses else None,
         "fake_quant_ranges": len(fake_quant_layers(aware)),
         "held_out_deviation_vs_float": {
@@ -345,7 +353,8 @@ def main(argv):
     fine_tune_file(flags_.model, images=flags_.images, output=flags_.output, dataset=flags_.dataset,
                    steps=flags_.steps, learning_rate=flags_.learning_rate, batch_size=flags_.batch_size,
                    num_images=flags_.num_images, validation_data=flags_.validation_data,
-                   calibration_quantile=flags_.calibration_quantile, seed=flags_.seed)
+                   calibration_quantile=flags_.calibration_quantile,
+                   float_layers=flags_.float_layers or (), seed=flags_.seed)
 
 
 def _define_flags():
@@ -365,6 +374,8 @@ def _define_flags():
                         "Default: the run's data_dir (its validation split).")
     flags.DEFINE_float("calibration_quantile", None, "Range of each tensor from this quantile (and 1 − it) "
                        "of its values instead of min/max, e.g. 0.99999.")
+    flags.DEFINE_list("float_layers", [], "Layers whose output stays float, e.g. FastDepth's first "
+                      "blocks conv1_relu,conv_dw_1_relu,conv_pw_1_relu,conv_dw_2_relu,conv_pw_2_relu.")
     flags.DEFINE_integer("seed", 0, "Seed of the batch order and flips.")
 
 

@@ -144,6 +144,15 @@ def test_fine_tuning_trains_the_kernels_against_the_float_student_with_ranges_fi
     assert all(np.array_equal(r, w.numpy()) for r, w in zip(reference_weights, reference.weights))
 
 
+def test_float_layers_lose_their_fake_quant_and_unknown_names_are_refused(student):
+    stem = ["conv1_relu", "conv_dw_1_relu"]
+    aware = quantization_aware_model(student, float_layers=stem)
+    names = {layer.name for layer in fake_quant_layers(aware)}
+    assert not names & {f"{name}_quant" for name in stem} and "conv_pw_1_relu_quant" in names
+    with pytest.raises(ValueError, match="--float_layers: no layer conv_99"):
+        quantization_aware_model(student, float_layers=["conv_99"])
+
+
 def test_an_already_quantization_aware_model_is_refused(calibrated):
     with pytest.raises(ValueError, match="already quantisation-aware"):
         quantization_aware_model(calibrated)
