@@ -109,7 +109,23 @@ def test_plot_draws_every_variant_of_the_smoke_results(smoke_runs, tmp_path):
         assert np.all(pixels == plot.COLOURS[variant], axis=-1).any(), variant
 
 
-@pytest.mark.parametrize("name", ["latency", "throughput", "accuracy", "plot"])
+def test_int8_fidelity_smoke_compares_post_training_and_quantization_aware_int8(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmark.int8_fidelity", "--smoke", "--output_dir",
+                             str(tmp_path)], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "int8_fidelity.json").read_text())
+    by_variant = {r["variant"]: r for r in payload["results"]}
+    assert list(by_variant) == ["int8", "qat", "qat_float_stem"]
+    # post-training int8 has no Keras model of its own: it is compared with the float one
+    assert by_variant["int8"]["vs_own_keras"] == by_variant["int8"]["vs_float"]
+    assert by_variant["qat_float_stem"]["float_layers"][0] == "conv1_relu"
+    # keeping the stem float adds float ops between a DEQUANTIZE and a QUANTIZE
+    assert by_variant["qat_float_stem"]["ops"]["DEQUANTIZE"] > by_variant["qat"]["ops"]["DEQUANTIZE"]
+    assert all(r["latency_ms"] > 0 and r["speedup_vs_fp32"] > 0 for r in payload["results"])
+    assert [row[0].strip() for row in _table_rows((tmp_path / "int8_fidelity.md").read_text())] == list(by_variant)
+
+
+@pytest.mark.parametrize("name", ["latency", "throughput", "accuracy", "int8_fidelity", "plot"])
 def test_every_benchmark_has_help_and_a_smoke_flag(name):
     result = subprocess.run([sys.executable, "-m", f"benchmark.{name}", "--help"], cwd=REPO_ROOT, env=ENV,
                             capture_output=True, text=True, timeout=120)
