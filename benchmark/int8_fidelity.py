@@ -1,7 +1,7 @@
 """int8 fidelity and speed of a trained student: post-training int8 vs the quantisation-aware models.
 
     python -m benchmark.int8_fidelity --model runs/x/best.keras --data_dir data/quickstart
-    python -m benchmark.int8_fidelity --smoke        # tiny random student, seconds
+    python -m benchmark.int8_fidelity --smoke        # tiny random student (benchmark.accuracy's)
 
 Variants (rows): ``int8`` (post-training, ``export.convert``), ``qat`` (``mdekd.quantization_aware``:
 calibrated, the input stage float) and ``qat_float_stem`` (also FastDepth's first blocks,
@@ -41,7 +41,7 @@ def define_flags():
     flags.DEFINE_integer("runs", 15, "Timed runs per variant.", lower_bound=1)
     flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "LiteRT threads.", lower_bound=1)
     flags.DEFINE_string("output_dir", common.DEFAULT_OUTPUT_DIR, "Where int8_fidelity.md/.json go.")
-    flags.DEFINE_bool("smoke", False, "Random 64x96 alpha-0.25 student on a few synthetic scenes.")
+    flags.DEFINE_bool("smoke", False, "Random 64x64 alpha-0.25 student on a few synthetic scenes.")
 
 
 def _quantized(model, float_layers, calibration):
@@ -139,29 +139,20 @@ def benchmark_int8_fidelity(model_path, data_dir, dataset, representative_data=N
 
 @command("benchmark.int8_fidelity")
 def main(argv):
+    import tempfile
+
+    from benchmark.accuracy import smoke_inputs
     from mdekd import export, run_folder
+    from mdekd.atomic import prepare_directory
 
     common.quiet_tensorflow()
+    prepare_directory(FLAGS.output_dir, "--output_dir")
     if FLAGS.smoke:
-        import tempfile
-
-        import keras
-
-        from benchmark.latency import estimate_batchnorm_statistics
-        from mdekd.data.synthetic import generate_dataset
-        from mdekd.models import build_student
-
-        work = tempfile.mkdtemp(prefix="mdekd-int8-fidelity-")
-        data_dir = generate_dataset(os.path.join(work, "data"), train=4, validation=2, height=64, width=96,
-                                    seed=0, workers=1, progress=False)
-        keras.utils.set_random_seed(0)
-        student = build_student((64, 96, 3), alpha=0.25)
-        estimate_batchnorm_statistics(student, np.random.default_rng(0).random((4, 64, 96, 3), dtype=np.float32))
-        model_path = os.path.join(work, "student.keras")
-        student.save(model_path)
-        benchmark_int8_fidelity(model_path, data_dir, "synthetic", num_calibration=4, max_images=2,
-                                latency_size=(64, 96), runs=2, num_threads=FLAGS.num_threads,
-                                output_dir=FLAGS.output_dir)
+        with tempfile.TemporaryDirectory(prefix="mdekd-int8-fidelity-") as temporary:
+            model_path, data_dir = smoke_inputs(temporary)
+            benchmark_int8_fidelity(model_path, data_dir, "synthetic", num_calibration=4, max_images=2,
+                                    latency_size=(64, 64), runs=2, num_threads=FLAGS.num_threads,
+                                    output_dir=FLAGS.output_dir)
         return
     if not FLAGS.model:
         raise ValueError("--model: a trained student (.keras) is required (or --smoke)")
