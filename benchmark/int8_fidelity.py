@@ -32,7 +32,7 @@ TARGETS = {"mean": 0.015, "p99": 0.06, "si_rmse_change": 0.005, "speedup": 2.5}
 
 def define_flags():
     flags.DEFINE_string("model", None, "Trained student (.keras).")
-    flags.DEFINE_string("data_dir", None, "Dataset root with train and validation splits; default: the run's.")
+    flags.DEFINE_string("data_dir", None, "Dataset root with a validation split; default: the run's.")
     flags.DEFINE_string("dataset", None, "Layout of --data_dir; default: the run's, else mai2021.")
     flags.DEFINE_string("representative_data", None, "Calibration images; default: --data_dir.")
     flags.DEFINE_integer("num_calibration", 100, "Calibration images.", lower_bound=1)

@@ -460,10 +460,12 @@ def write_atomically(path, data):
     write_bytes_atomically(path, data.encode() if isinstance(data, str) else data)
 
 
-def default_output_path(model_path, mode, input_size=None):
-    """``<model folder>/<teacher|student>_<label>[_<h>x<w>].tflite``, the network kind from its
-    run.json; the suffix names a reduced network input (``--input_size``)."""
+def default_output_path(model_path, mode, input_size=None, quantization_aware=False):
+    """``<model folder>/<teacher|student>[_qat]_<label>[_<h>x<w>].tflite``, the network kind from its
+    run.json; ``_qat`` marks a quantisation-aware source, the suffix a reduced network input
+    (``--input_size``)."""
     kind = run_folder.network_kind(run_folder.read_run_config(model_path))
+    kind += "_qat" if quantization_aware else ""
     suffix = f"_{input_size[0]}x{input_size[1]}" if input_size else ""
     return os.path.join(os.path.dirname(os.path.abspath(model_path)),
                         f"{kind}_{get_mode(mode).label}{suffix}.tflite")
@@ -506,8 +508,8 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
     layout = {} if depth_scale is None else {"depth_scale": depth_scale}
     if validation_data is None:
         validation_data = run.get("data_dir")
-    output = os.fspath(output) if output else default_output_path(model_path, mode, input_size)
-    prepare_file(output, "--output")
+    if output:
+        prepare_file(output, "--output")  # before the model is read: a bad --output fails at once
 
     model = load_keras_model(model_path)
     if not isinstance(model.output, dict) or "depth" not in model.output:
@@ -516,6 +518,8 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
     # A quantisation-aware model holds its int8 ranges (no calibration); its other exports are of
     # its float network (mdekd.quantization_aware).
     aware = is_quantization_aware(model)
+    output = os.fspath(output) if output else default_output_path(model_path, mode, input_size, aware)
+    prepare_file(output, "--output")
     calibrate = quant_mode.integer_only and not aware
     if representative_data is None and calibrate:
         representative_data = run.get("data_dir")

@@ -14,9 +14,10 @@ the int8 model computes, so int8 behaviour can be measured, trained through and 
    int8 deviation, design.md §5) and runs in float, 1.5 % of FastDepth's MACs.
 2. ``calibrate``: the ranges from images with the rounding off, the min/max that post-training
    calibration takes.
-3. ``fine_tune`` (optional, ``--steps``): the float student is the teacher. Loss = mean |log d_qat − log d_float| per
-   pixel, i.e. the relative deviation export gates; images only, no depth labels. BatchNorm is
-   folded (TFLite folds its moving statistics into the convolution) and the ranges stay fixed.
+3. ``fine_tune`` (optional, ``--steps``): the float student is the teacher. Loss = mean
+   |log d_qat − log d_float| per pixel, i.e. the relative deviation export gates; images only, no
+   depth labels. BatchNorm is folded (TFLite folds its moving statistics into the convolution) and
+   the ranges stay fixed.
 
 The result is a ``.keras`` model whose ``depth`` output is what the int8 TFLite model computes:
 ``export.py --quantize int8`` converts it with the ranges it holds (no calibration images needed)
@@ -163,7 +164,8 @@ def _fake_quant_convolution(layer, batchnorm=None):
             keras.ops.convert_to_numpy(v).astype("float64"))
         scale = weight(batchnorm.gamma, 1.0) / np.sqrt(
             keras.ops.convert_to_numpy(batchnorm.moving_variance) + batchnorm.epsilon)
-        bias = (bias - keras.ops.convert_to_numpy(batchnorm.moving_mean)) * scale + weight(batchnorm.beta, 0.0)
+        mean = keras.ops.convert_to_numpy(batchnorm.moving_mean)
+        bias = (bias - mean) * scale + weight(batchnorm.beta, 0.0)
         kernel = kernel * (scale[:, None] if depthwise else scale)
     config = {**layer.get_config(), "use_bias": True}
     clone = (FakeQuantDepthwiseConv2D if depthwise else FakeQuantConv2D).from_config(config)
@@ -253,8 +255,8 @@ def fine_tune(model, reference, images, steps=DEFAULT_STEPS, learning_rate=DEFAU
 
     rng = np.random.default_rng(seed)
     losses = []
-    for _ in tqdm(range(steps), desc="quantisation-aware fine-tuning", unit="step", disable=not progress,
-                  file=sys.stderr):
+    for _ in tqdm(range(steps), desc="quantisation-aware fine-tuning", unit="step",
+                  disable=not progress or not steps, file=sys.stderr):
         batch = images[rng.choice(len(images), size=min(batch_size, len(images)), replace=False)]
         flip = rng.random(len(batch)) < 0.5
         batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)

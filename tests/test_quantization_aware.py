@@ -131,7 +131,9 @@ def test_fine_tuning_trains_the_kernels_against_the_float_student_with_ranges_fi
     aware = quantization_aware_model(student)
     calibrate(aware, images)
     reference = deploy_model(student)
-    ranges = [(layer.range_min.numpy(), layer.range_max.numpy()) for layer in fake_quant_layers(aware)]
+    read_ranges = lambda: [(float(layer.range_min.numpy()), float(layer.range_max.numpy()))  # noqa: E731
+                           for layer in fake_quant_layers(aware)]
+    ranges = read_ranges()
     kernels = [weight.numpy().copy() for weight in aware.trainable_weights]
     reference_weights = [weight.numpy().copy() for weight in reference.weights]
     before = np.abs(np.log(aware(images[:4])["depth"].numpy()) - np.log(reference(images[:4]).numpy())).mean()
@@ -139,7 +141,7 @@ def test_fine_tuning_trains_the_kernels_against_the_float_student_with_ranges_fi
                                           batch_size=4, progress=False)
     assert len(losses) == 3 and np.all(np.isfinite(losses))
     assert losses[0] == pytest.approx(before, rel=0.5)  # the same deviation, on flipped images
-    assert [(layer.range_min.numpy(), layer.range_max.numpy()) for layer in fake_quant_layers(aware)] == ranges
+    assert read_ranges() == ranges
     assert all(not np.array_equal(k, w.numpy()) for k, w in zip(kernels, aware.trainable_weights))
     assert all(np.array_equal(r, w.numpy()) for r, w in zip(reference_weights, reference.weights))
 
@@ -197,6 +199,9 @@ def test_export_of_a_quantization_aware_model_needs_no_calibration(qat_file, dat
                                 validation_data=data_dir, dataset="synthetic", progress=False,
                                 log=lambda *_: None)
     assert fp32["quantization_aware"] and fp32["max_relative_diff"] < 1e-4  # its float network
+    # beside the model, a name of its own (the post-training export is student_int8.tflite)
+    assert export.default_output_path(path, "int8", quantization_aware=True) == str(
+        path.with_name("student_qat_int8.tflite"))
 
 
 def test_bad_inputs_are_refused_naming_the_flag(qat_file, data_dir, tmp_path):
