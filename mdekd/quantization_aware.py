@@ -27,6 +27,10 @@ removed (``without_fake_quant``).
     python -m mdekd.quantization_aware --model runs/x/best.keras --images data/quickstart [--steps 300]
     python export.py --model runs/x/best_qat.keras --quantize int8
 
+Built and measured for FastDepth (ReLU convolutions, additive skips). A MobileViT student converts
+too, but the tensors inside its transformer blocks and swish activations get no range and stay
+float (63 float islands in MobileViT-XXS + dual): use post-training int8 for it.
+
 Measured (README, phone path): the int8 TFLite model matches the calibrated quantisation-aware Keras
 model to ~1 % mean per pixel; fine-tuning did not bring either closer to the float student, since
 the straight-through gradient treats rounding as identity and cannot see the (pseudo-random)
@@ -97,7 +101,7 @@ def quantization_aware_model(model, float_layers=()):
     (B, H, W, 3) RGB in [0, 1] -> {"depth": (B, H, W, 1) metres}. Each BatchNormalization is folded
     into the convolution before it (its moving statistics, as TFLite folds it), the convolutions
     round their kernels to int8 per channel (``FakeQuantConv2D``, ``FakeQuantDepthwiseConv2D``), and
-    a ``FakeQuant`` follows the input and every ``int8_tensor_layers`` output. The weights are a
+    a ``FakeQuant`` follows every ``int8_tensor_layers`` output. The weights are a
     copy; the ranges start at [0, 0] (call ``calibrate``). ``float_layers``: names of layers whose
     output stays float (no ``FakeQuant``: the int8 model dequantises before it and quantises after),
     e.g. FastDepth's first blocks (README, phone path: what each costs and saves).
