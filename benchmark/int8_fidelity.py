@@ -4,8 +4,8 @@
     python -m benchmark.int8_fidelity --smoke        # tiny random student (benchmark.accuracy's)
 
 Variants (rows): ``int8`` (post-training, ``export.convert``), ``qat`` (``mdekd.quantization_aware``:
-calibrated, the input stage float) and ``qat_float_stem`` (also FastDepth's first blocks,
-``FLOAT_STEM``, float). Each is compared per pixel with the float Keras student and with its own
+calibrated, the input stage float), ``qat_float_block1`` and ``qat_float_stem`` (also FastDepth's
+first block, or first two blocks, float: ``FLOAT_BLOCK1``, ``FLOAT_STEM``). Each is compared per pixel with the float Keras student and with its own
 Keras model (for the QAT rows: the quantisation-aware model itself), scored on the validation split
 (si-RMSE, mdekd.evaluate), and timed against fp32 at ``--latency_size`` (the same weights rebuilt
 for that input; interleaved runs, so the ratio is of one run). Targets (phone-path issue, trained
@@ -23,10 +23,13 @@ from mdekd.tflite_runner import DEFAULT_NUM_THREADS
 
 FLAGS = flags.FLAGS
 
-# FastDepth's stem and first two blocks, the layers whose rounding reaches the depth most (README,
-# phone path: leave-one-out sensitivity of each int8 tensor)
+# FastDepth's stem and first blocks, the layers whose rounding reaches the depth most (README,
+# phone path: leave-one-out sensitivity of each int8 tensor). A float tensor also makes the op that
+# reads it float: FLOAT_BLOCK1 runs conv1 (float anyway), block 1's depthwise and pointwise in float.
+FLOAT_BLOCK1 = ("conv1_relu", "conv_dw_1_relu")
 FLOAT_STEM = ("conv1_relu", "conv_dw_1_relu", "conv_pw_1_relu", "conv_dw_2_relu", "conv_pw_2_relu")
-VARIANTS = {"int8": None, "qat": (), "qat_float_stem": FLOAT_STEM}  # name -> float_layers (None: PTQ)
+# name -> float_layers (None: post-training int8)
+VARIANTS = {"int8": None, "qat": (), "qat_float_block1": FLOAT_BLOCK1, "qat_float_stem": FLOAT_STEM}
 TARGETS = {"mean": 0.015, "p99": 0.06, "si_rmse_change": 0.005, "speedup": 2.5}
 
 

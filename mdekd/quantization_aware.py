@@ -103,8 +103,9 @@ def quantization_aware_model(model, float_layers=()):
     round their kernels to int8 per channel (``FakeQuantConv2D``, ``FakeQuantDepthwiseConv2D``), and
     a ``FakeQuant`` follows every ``int8_tensor_layers`` output. The weights are a
     copy; the ranges start at [0, 0] (call ``calibrate``). ``float_layers``: names of layers whose
-    output stays float (no ``FakeQuant``: the int8 model dequantises before it and quantises after),
-    e.g. FastDepth's first blocks (README, phone path: what each costs and saves).
+    output stays float (no ``FakeQuant``), so that the ops writing and reading it run in float
+    between a DEQUANTIZE and a QUANTIZE, e.g. FastDepth's first blocks (README, phone path: what
+    each costs and saves).
     """
     from mdekd.models import deploy_model
 

@@ -115,7 +115,7 @@ def test_int8_fidelity_smoke_compares_post_training_and_quantization_aware_int8(
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "int8_fidelity.json").read_text())
     by_variant = {r["variant"]: r for r in payload["results"]}
-    assert list(by_variant) == ["int8", "qat", "qat_float_stem"]
+    assert list(by_variant) == ["int8", "qat", "qat_float_block1", "qat_float_stem"]
     # post-training int8 has no Keras model of its own: it is compared with the float one
     assert by_variant["int8"]["vs_own_keras"] == by_variant["int8"]["vs_float"]
     assert by_variant["qat_float_stem"]["float_layers"][0] == "conv1_relu"
