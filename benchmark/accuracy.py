@@ -16,7 +16,6 @@ student: fp16 <= 0.1 %, int8 <= 2 %. An untrained (smoke) model says nothing abo
 import os
 import tempfile
 
-import numpy as np
 from absl import app, flags
 
 from benchmark import common
@@ -60,11 +59,11 @@ def benchmark_accuracy(model_path, data_dir, dataset, split="validation", varian
     trained = load_keras_model(model_path)
     network = depth_only_model(trained)
     input_size = tuple(network.input_shape[1:3])
-    from mdekd.data import list_pairs, read_rgb
-    from mdekd.predict import resize_image
+    from mdekd.data import list_pairs
+    from mdekd.predict import load_resized_images
 
     pairs = list_pairs(data_dir, split, dataset)[:max_images]
-    images = np.stack([resize_image(read_rgb(rgb), input_size) for rgb, _ in pairs])
+    images = load_resized_images([rgb for rgb, _ in pairs], input_size)
     keras_runner = KerasRunner(network)
     keras_depth = keras_runner.predict(images)
     results = []

@@ -68,15 +68,15 @@ def benchmark_int8_fidelity(model_path, data_dir, dataset, representative_data=N
     from mdekd.evaluate import evaluate_model
     from mdekd.models import deploy_model
     from mdekd.models.deploy import at_input_size
-    from mdekd.quantization_aware import load_images
+    from mdekd.predict import load_resized_images
     from mdekd.tflite_runner import KerasRunner, TFLiteRunner, load_keras_model
 
     model = load_keras_model(model_path)
     size = tuple(model.input_shape[1:3])
-    calibration = load_images(export.evenly_spaced(
+    calibration = load_resized_images(export.evenly_spaced(
         export.image_files(representative_data or data_dir, dataset), num_calibration), size)
     pairs = list_pairs(data_dir, "validation", dataset)[:max_images]
-    images = load_images([rgb for rgb, _ in pairs], size)
+    images = load_resized_images([rgb for rgb, _ in pairs], size)
     float_network = deploy_model(model)
     float_depth = float_network.predict(images, verbose=0)
     score = lambda runner: evaluate_model(runner, data_dir, dataset, "validation",  # noqa: E731

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mdekd import run_folder
 from mdekd.atomic import prepare_file, write_bytes_atomically
 from mdekd.quantization import configure_converter, get_mode
-from mdekd.tflite_runner import DEFAULT_NUM_THREADS, TFLiteRunner, depth_only_model, load_keras_model
+from mdekd.tflite_runner import DEFAULT_NUM_THREADS, TFLiteRunner, depth_only_model, load_depth_model
 
 DEFAULT_NUM_CALIBRATION = 100  # toolchain.md §9: calibrate int8 on >= 100 real training images
 DEFAULT_NUM_VERIFICATION = 16
@@ -132,18 +132,18 @@ def verification_data(input_size, data_dir=None, dataset="mai2021", split="valid
     ``input_size``. Only the Keras/TFLite *difference* is judged on them, at model size; the
     metrics are compared by ``compare_metrics`` at the truth's own size.
     """
-    from mdekd.data import list_pairs, read_rgb
-    from mdekd.predict import resize_image
+    from mdekd.data import list_pairs
+    from mdekd.predict import load_resized_images
 
     if data_dir is not None:
         data_dir = os.fspath(data_dir)
         if os.path.isdir(os.path.join(data_dir, split)):
             pairs = evenly_spaced(list_pairs(data_dir, split, dataset, **layout_options), count)
-            images = np.stack([resize_image(read_rgb(rgb), input_size) for rgb, _ in pairs])
+            images = load_resized_images([rgb for rgb, _ in pairs], input_size)
             return VerificationData(images, f"{data_dir}/{split} ({len(pairs)} pairs)", data_dir)
         if os.path.isdir(data_dir):
             paths = evenly_spaced(image_files(data_dir), count)
-            images = np.stack([resize_image(read_rgb(p), input_size) for p in paths])
+            images = load_resized_images(paths, input_size)
             return VerificationData(images, f"{data_dir} ({len(paths)} images, no truth)")
         raise FileNotFoundError(f"--validation_data: no such folder: {data_dir}")
     rng = np.random.default_rng(seed)
@@ -508,18 +508,17 @@ def export_tflite(model_path, mode, output=None, representative_data=None, datas
     layout = {} if depth_scale is None else {"depth_scale": depth_scale}
     if validation_data is None:
         validation_data = run.get("data_dir")
-    if output:
-        prepare_file(output, "--output")  # before the model is read: a bad --output fails at once
+    if output:  # a bad --output fails before the model is read
+        output = os.fspath(output)
+        prepare_file(output, "--output")
 
-    model = load_keras_model(model_path)
-    if not isinstance(model.output, dict) or "depth" not in model.output:
-        raise ValueError(f"--model: {model_path} is not a depth model of mdekd (expected a dict output "
-                         f"with 'depth', found {getattr(model, 'output_names', None) or model.output})")
+    model = load_depth_model(model_path)
     # A quantisation-aware model holds its int8 ranges (no calibration); its other exports are of
     # its float network (mdekd.quantization_aware).
     aware = is_quantization_aware(model)
-    output = os.fspath(output) if output else default_output_path(model_path, mode, input_size, aware)
-    prepare_file(output, "--output")
+    if not output:
+        output = default_output_path(model_path, mode, input_size, aware)
+        prepare_file(output, "--output")
     calibrate = quant_mode.integer_only and not aware
     if representative_data is None and calibrate:
         representative_data = run.get("data_dir")

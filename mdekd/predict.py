@@ -37,6 +37,13 @@ def resize_image(image, size):
     return np.clip(resized, 0.0, 1.0)  # antialiased resampling may overshoot slightly
 
 
+def load_resized_images(paths, size):
+    """(N, size[0], size[1], 3) float32 in [0, 1]: the image files ``paths``, each ``resize_image``d."""
+    from mdekd.data import read_rgb
+
+    return np.stack([resize_image(read_rgb(path), size) for path in paths])
+
+
 def resize_depth(depth, size):
     """Predicted depth (H, W) or (H, W, 1) metres -> (size[0], size[1]) float32, bilinear.
 

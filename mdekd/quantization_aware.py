@@ -43,8 +43,10 @@ import sys
 import keras
 import numpy as np
 
+from mdekd.models import deploy_model
 from mdekd.models.common import iter_layers
-from mdekd.models.layers import FakeQuant
+from mdekd.models.deploy import UPSAMPLING_LAYERS, output_tail
+from mdekd.models.layers import FakeQuant, FakeQuantConv2D, FakeQuantDepthwiseConv2D
 
 DEFAULT_STEPS = 0  # fine-tuning did not bring int8 closer to the float student (design.md §5)
 DEFAULT_LEARNING_RATE = 1e-4
@@ -57,27 +59,28 @@ _FOLDED_INTO_NEXT = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.la
 _FOLDING = (keras.layers.BatchNormalization, keras.layers.ReLU)
 
 
-def _keeps_input_scale():
-    """Layers whose int8 kernel writes with its input's scale (no range of their own)."""
-    from mdekd.models.deploy import UPSAMPLING_LAYERS
+# layers whose output gets no range of its own: the input stage, which stays float (module
+# docstring), and those whose int8 kernel writes with its input's scale
+_NO_OWN_RANGE = (keras.layers.InputLayer, keras.layers.Rescaling, FakeQuant, keras.layers.ZeroPadding2D,
+                 keras.layers.Reshape, *UPSAMPLING_LAYERS)
 
-    return (keras.layers.ZeroPadding2D, keras.layers.Reshape, *UPSAMPLING_LAYERS)
+
+def _consumers(layer):
+    """The layers that read ``layer``'s output, each once (a layer shared by several graphs, as
+    ``deploy_model``'s copy shares them, has a node per graph)."""
+    return list({id(node.operation): node.operation for node in layer._outbound_nodes}.values())
 
 
 def int8_tensor_layers(model):
     """Names of the leaf layers (nested ones included) of the deployed ``model`` whose output is an
     int8 tensor of the int8 TFLite model, in graph order: where ``quantization_aware_model`` puts
     a ``FakeQuant``."""
-    from mdekd.models.deploy import output_tail
-
     tail = set(output_tail(model))
-    same_scale = _keeps_input_scale()
     names = []
     for layer in iter_layers(model):
-        if isinstance(layer, (keras.layers.InputLayer, keras.layers.Rescaling, FakeQuant, *same_scale)) \
-                or layer.name in tail:  # Rescaling: the input stage stays float (module docstring)
+        if isinstance(layer, _NO_OWN_RANGE) or layer.name in tail:
             continue
-        consumers = [node.operation for node in layer._outbound_nodes]
+        consumers = _consumers(layer)
         if isinstance(layer, _FOLDED_INTO_NEXT) and consumers and all(
                 isinstance(consumer, _FOLDING) for consumer in consumers):
             continue
@@ -107,8 +110,6 @@ def quantization_aware_model(model, float_layers=()):
     between a DEQUANTIZE and a QUANTIZE, e.g. FastDepth's first blocks (README, phone path: what
     each costs and saves).
     """
-    from mdekd.models import deploy_model
-
     if is_quantization_aware(model):
         raise ValueError(f"model {model.name!r} is already quantisation-aware")
     deployed = deploy_model(model)
@@ -145,10 +146,9 @@ def _batchnorm_after_convolution(model):
     for layer in iter_layers(model):
         if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
             continue
-        # a layer shared by several graphs (deploy_model's copy) has one node per graph
-        consumers = {id(node.operation): node.operation for node in layer._outbound_nodes}
-        if len(consumers) == 1 and isinstance(*consumers.values(), keras.layers.BatchNormalization):
-            pairs[layer.name] = next(iter(consumers.values()))
+        consumers = _consumers(layer)
+        if len(consumers) == 1 and isinstance(consumers[0], keras.layers.BatchNormalization):
+            pairs[layer.name] = consumers[0]
     return pairs
 
 
@@ -156,8 +156,6 @@ def _fake_quant_convolution(layer, batchnorm=None):
     """A built ``FakeQuantConv2D``/``FakeQuantDepthwiseConv2D`` with ``layer``'s configuration and
     weights, ``batchnorm`` (inference mode) folded in: w·s per output channel, (b − mean)·s + beta,
     s = gamma / sqrt(var + eps)."""
-    from mdekd.models.layers import FakeQuantConv2D, FakeQuantDepthwiseConv2D
-
     depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
     if depthwise and layer.depth_multiplier != 1:
         raise ValueError(f"layer {layer.name!r}: quantisation-aware depthwise needs depth_multiplier 1")
@@ -184,8 +182,6 @@ def without_fake_quant(model):
     convolutions are copies, the other layers shared).
 
     (B, H, W, 3) -> (B, H, W, 1) metres."""
-    from mdekd.models.layers import FakeQuantConv2D, FakeQuantDepthwiseConv2D
-
     float_classes = {FakeQuantConv2D: keras.layers.Conv2D,
                      FakeQuantDepthwiseConv2D: keras.layers.DepthwiseConv2D}
 
@@ -225,14 +221,13 @@ def calibrate(model, images, batch_size=DEFAULT_BATCH_SIZE, quantile=None):
 
 
 def relative_deviation(model, reference, images, batch_size=DEFAULT_BATCH_SIZE):
-    """Per-pixel |d_model − d_reference| / d_reference over ``images`` (N, H, W, 3): a flat array."""
-    errors = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        depth = _depth(model(batch, training=False))
-        truth = _depth(reference(batch, training=False))
-        errors.append(np.abs(np.asarray(depth) - np.asarray(truth)).ravel() / np.asarray(truth).ravel())
-    return np.concatenate(errors)
+    """``mdekd.export.relative_errors`` of ``model``'s depth against ``reference``'s on ``images``
+    (N, H, W, 3): the per-pixel statistics export gates (``mean_relative_diff``, ...)."""
+    from mdekd.export import relative_errors
+
+    depth = lambda network: np.asarray(_depth(network.predict(images, batch_size=batch_size,  # noqa: E731
+                                                               verbose=0)))
+    return relative_errors(depth(reference), depth(model))
 
 
 def _depth(outputs):
@@ -269,14 +264,6 @@ def fine_tune(model, reference, images, steps=DEFAULT_STEPS, learning_rate=DEFAU
     return losses
 
 
-def load_images(paths, input_size):
-    """(N, H, W, 3) float32 in [0, 1]: the image files ``paths`` resized (bilinear) to ``input_size``."""
-    from mdekd.data import read_rgb
-    from mdekd.predict import resize_image
-
-    return np.stack([resize_image(read_rgb(path), input_size) for path in paths])
-
-
 def fine_tune_file(model_path, images=None, output=None, dataset=None, steps=DEFAULT_STEPS,
                    learning_rate=DEFAULT_LEARNING_RATE, batch_size=DEFAULT_BATCH_SIZE,
                    num_images=DEFAULT_NUM_IMAGES, validation_data=None, calibration_quantile=None,
@@ -293,8 +280,8 @@ def fine_tune_file(model_path, images=None, output=None, dataset=None, steps=DEF
     from mdekd.atomic import atomic_path, prepare_file, write_text_atomically
     from mdekd.export import (DEFAULT_NUM_CALIBRATION, check_images, evenly_spaced, image_files,
                               verification_data)
-    from mdekd.models import deploy_model
-    from mdekd.tflite_runner import load_keras_model
+    from mdekd.predict import load_resized_images
+    from mdekd.tflite_runner import load_depth_model
 
     model_path = os.fspath(model_path)
     if not os.path.isfile(model_path):
@@ -317,14 +304,11 @@ def fine_tune_file(model_path, images=None, output=None, dataset=None, steps=DEF
     paths = evenly_spaced(image_files(images, dataset), num_images)
     check_images(paths)
 
-    model = load_keras_model(model_path)
-    if not isinstance(model.output, dict) or "depth" not in model.output:
-        raise ValueError(f"--model: {model_path} is not a depth model of mdekd (expected a dict "
-                         f"output with 'depth')")
+    model = load_depth_model(model_path)
     if is_quantization_aware(model):
         raise ValueError(f"--model: {model_path} is already quantisation-aware")
     size = tuple(model.input_shape[1:3])
-    train = load_images(paths, size)
+    train = load_resized_images(paths, size)
     held_out = verification_data(size, validation_data or run.get("data_dir"), dataset).images
     reference = deploy_model(model)
     aware = quantization_aware_model(model, float_layers)
@@ -332,10 +316,10 @@ def fine_tune_file(model_path, images=None, output=None, dataset=None, steps=DEF
               quantile=calibration_quantile)
     before = relative_deviation(aware, reference, held_out)
     log(f"calibrated on {min(len(train), DEFAULT_NUM_CALIBRATION)} images; quantised vs float on "
-        f"held-out images: mean {before.mean():.2%}, p99 {np.percentile(before, 99):.2%}")
+        f"held-out images: mean {before['mean_relative_diff']:.2%}, p99 {before['p99_relative_diff']:.2%}")
     losses = fine_tune(aware, reference, train, steps, learning_rate, batch_size, seed, progress)
     after = relative_deviation(aware, reference, held_out)
-    log(f"after {steps} steps: mean {after.mean():.2%}, p99 {np.percentile(after, 99):.2%}")
+    log(f"after {steps} steps: mean {after['mean_relative_diff']:.2%}, p99 {after['p99_relative_diff']:.2%}")
     report = {
         "source_model": os.path.abspath(model_path), "output": os.path.abspath(output),
         "images": os.fspath(images), "num_images": len(train), "steps": steps,
@@ -344,7 +328,7 @@ def fine_tune_file(model_path, images=None, output=None, dataset=None, steps=DEF
         "loss_first_last": [losses[0], losses[-1]] if losses else None,
         "fake_quant_ranges": len(fake_quant_layers(aware)),
         "held_out_deviation_vs_float": {
-            stage: {"mean": float(errors.mean()), "p99": float(np.percentile(errors, 99))}
+            stage: {"mean": errors["mean_relative_diff"], "p99": errors["p99_relative_diff"]}
             for stage, errors in (("calibrated", before), ("fine_tuned", after))},
     }
     with atomic_path(output) as tmp:

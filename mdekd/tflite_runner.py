@@ -172,6 +172,16 @@ def load_keras_model(path):
         ) from error
 
 
+def load_depth_model(path):
+    """``load_keras_model``, then ValueError naming ``--model`` unless it is a depth model of mdekd
+    (a dict output with ``depth``)."""
+    model = load_keras_model(path)
+    if not isinstance(model.output, dict) or "depth" not in model.output:
+        raise ValueError(f"--model: {path} is not a depth model of mdekd (expected a dict output "
+                         f"with 'depth', found {getattr(model, 'output_names', None) or model.output})")
+    return model
+
+
 def load_depth_runner(model, num_threads=DEFAULT_NUM_THREADS):
     """A runner for ``model``: a runner (returned as is), a ``keras.Model``, or a .keras/.tflite path."""
     if isinstance(model, (TFLiteRunner, KerasRunner)):
